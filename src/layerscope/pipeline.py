@@ -1,0 +1,280 @@
+"""Plan and executor: which metric runs on which matrix, and where.
+
+Tensors are analysed by a thread pool (largest first, so the long ones do not finish last), each
+worker holding one tensor at a time: memory is bounded by the tensors in flight, never by the
+model. Torch's intra-op threads are divided among the workers — LAPACK's ``eigvalsh`` scales
+poorly with threads, so two single-threaded workers beat one two-threaded one on a 2-core CPU.
+Results go to the store as soon as each tensor is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .anatomy import Anatomy, Part, build_anatomy
+from .config import Config
+from .errors import LayerscopeError
+from .metrics import Metric, moments, select_metrics
+from .sources import Source, open_source
+from .spectrum import Spectrum, singular_values
+from .store import Store
+
+IDENTITY_COLUMNS = ["name", "layer", "role", "shape", "dtype", "numel"]
+ERROR_KEY = ("error", "")
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class AnalysisResult:
+    """What ``analyze`` returns: the table (one row per matrix) and what it was computed from."""
+
+    table: pd.DataFrame
+    anatomy: Anatomy
+    source: Source
+    config: Config
+    unreadable: list[str] = field(default_factory=list)
+    computed: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.unreadable else 0
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .views import write_table
+
+        return write_table(self.table, path)
+
+
+def inspect(source: Any, revision: str | None = None) -> Anatomy:
+    """The anatomy of a checkpoint (roles, layers, dims) without reading any tensor data."""
+    src = open_source(source, revision)
+    return build_anatomy(src.infos, src.config)
+
+
+def analyze(source: Any, config: Config | None = None, *, revision: str | None = None,
+            progress: ProgressCallback | None = None, **overrides: Any) -> AnalysisResult:
+    """Analyse every tensor of ``source``; see :class:`Config` for what ``overrides`` may set."""
+    config = (config or Config()).replace(**overrides)
+    metrics = select_metrics(config)
+    src = open_source(source, revision)
+    anatomy = build_anatomy(src.infos, src.config)
+    started = time.perf_counter()
+    with Store(config.resolved_store()) as store:
+        runner = _Runner(src, anatomy, config, metrics, store)
+        rows_by_name = runner.run(progress)
+    rows = [row for name in src.names() for row in rows_by_name.get(name, [])]
+    table = _table(rows, metrics)
+    _resolve_tied(anatomy, runner.hashes)
+    return AnalysisResult(table, anatomy, src, config, runner.unreadable, runner.computed, runner.cached,
+                          time.perf_counter() - started)
+
+
+# -- execution ----------------------------------------------------------------------------------
+class _Runner:
+    def __init__(self, source: Source, anatomy: Anatomy, config: Config, metrics: list[Metric], store: Store):
+        self.source, self.anatomy, self.config, self.metrics, self.store = source, anatomy, config, metrics, store
+        self.keys = [(m.name, m.key) for m in metrics] + [ERROR_KEY]
+        self.unreadable: list[str] = []
+        self.hashes: dict[str, str] = {}
+        self.computed = 0
+        self.cached = 0
+
+    def run(self, progress: ProgressCallback | None) -> dict[str, list[dict[str, Any]]]:
+        names = sorted(self.source.names(), key=lambda n: -self.source.infos[n].numel)
+        workers = min(self.config.resolved_workers(), max(1, len(names)))
+        results: dict[str, list[dict[str, Any]]] = {}
+        total = len(names)
+        with _torch_threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="layerscope") as pool:
+            pending: dict[Future, str] = {}
+            queue = iter(names)
+            try:
+                for name in queue:
+                    pending[pool.submit(self.analyse_tensor, name)] = name
+                    if len(pending) >= workers:  # bound memory: never more tensors in flight than workers
+                        break
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        name = pending.pop(fut)
+                        results[name] = fut.result()
+                        if progress:
+                            progress(len(results), total, name)
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            pending[pool.submit(self.analyse_tensor, nxt)] = nxt
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        return results
+
+    def analyse_tensor(self, name: str) -> list[dict[str, Any]]:
+        entry = self.anatomy.entries[name]
+        try:
+            return self._analyse_parts(name)
+        except LayerscopeError as exc:
+            self.unreadable.append(name)
+            return [self._row(name, Part("", entry.role, entry.expert), entry.shape, {ERROR_KEY: f"unreadable: {exc}"})]
+
+    def _analyse_parts(self, name: str) -> list[dict[str, Any]]:
+        tensor, digest = self._read(name)
+        self.hashes[name] = digest
+        rows = []
+        for part in self.anatomy.parts(name, self.config.slices):
+            part_hash = digest if not part.suffix else _derived_hash(digest, part.key)
+            values = self.store.get(part_hash, self.keys) if self.config.cache else {}
+            missing = [m for m in self.metrics if (m.name, m.key) not in values]
+            if missing or ERROR_KEY not in values:
+                if tensor is None:
+                    tensor, _ = self._read(name, force=True)
+                new_values, spectrum = self._compute(part.apply(tensor), missing, part_hash)
+                self.store.put(part_hash, new_values, spectrum)
+                values.update(new_values)
+                self.computed += 1
+            else:
+                self.cached += 1
+            rows.append(self._row(name, part, _part_shape(self.anatomy, name, part), values))
+        return rows
+
+    def _read(self, name: str, force: bool = False) -> tuple[torch.Tensor | None, str]:
+        """The tensor (or None when the store already knows its hash) and its content hash."""
+        fingerprint = self.source.fingerprint(name)
+        if not force and self.config.cache and fingerprint:
+            known = self.store.hash_for(fingerprint)
+            if known:
+                return None, known
+        try:
+            tensor, digest = self.source.read(name)
+        except LayerscopeError:
+            raise
+        except Exception as exc:  # any other failure to materialise this one tensor
+            raise LayerscopeError(f"{name}: {type(exc).__name__}: {exc}") from None
+        if fingerprint:
+            self.store.remember_hash(fingerprint, digest)
+        return tensor, digest
+
+    def _compute(self, matrix: torch.Tensor, missing: list[Metric], part_hash: str):
+        values: dict[tuple[str, str], Any] = {}
+        mom = moments(matrix)
+        problem = spectrum_problem(matrix, mom)
+        errors = [problem] if problem else []
+        spec, spectrum_record = None, None
+        if not problem and matrix.dim() == 2 and any(m.needs == "spectrum" for m in missing):
+            spec, spectrum_record = self._spectrum(matrix, part_hash)
+        for m in missing:
+            intermediate = mom if m.needs == "moments" else spec
+            if intermediate is None:
+                values[(m.name, m.key)] = math.nan
+                continue
+            try:
+                value = m(intermediate)
+                values[(m.name, m.key)] = int(value) if isinstance(value, (int, np.integer)) else float(value)
+            except Exception as exc:  # one failing metric must not cost the others
+                values[(m.name, m.key)] = math.nan
+                errors.append(f"{m.name} failed: {type(exc).__name__}: {exc}")
+        values[ERROR_KEY] = "; ".join(errors)
+        return values, spectrum_record
+
+    def _spectrum(self, matrix: torch.Tensor, part_hash: str) -> tuple[Spectrum, tuple[str, np.ndarray] | None]:
+        precision = self.config.dtype
+        shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        if self.config.cache:
+            sv = self.store.spectrum(part_hash, precision)
+            if sv is not None:
+                return Spectrum(sv, shape, "stored"), None
+        sv, method = singular_values(matrix, precision, self.config.device)
+        return Spectrum(sv, shape, method), (precision, sv)
+
+    def _row(self, name: str, part: Part, shape: tuple[int, ...], values: dict[tuple[str, str], Any]) -> dict[str, Any]:
+        entry = self.anatomy.entries[name]
+        numel = int(np.prod(shape)) if shape else 1
+        row: dict[str, Any] = {
+            "name": f"{name}[{part.suffix}]" if part.suffix else name,
+            "layer": entry.layer,
+            "role": part.role,
+            "expert": part.expert,
+            "shape": "×".join(str(s) for s in shape) if shape else "scalar",
+            "dtype": entry.dtype,
+            "numel": numel,
+        }
+        for m in self.metrics:
+            row[m.name] = values.get((m.name, m.key), math.nan)
+        row["error"] = values.get(ERROR_KEY) or ""
+        return row
+
+
+def spectrum_problem(matrix: torch.Tensor, mom) -> str | None:
+    """Why this tensor has no spectrum, or None. 1-D tensors (biases, norms) are not a problem."""
+    if matrix.dim() < 2:
+        return None if matrix.numel() else "empty tensor"
+    if matrix.numel() == 0:
+        return f"empty tensor (shape {list(matrix.shape)})"
+    if matrix.dim() > 2:
+        return f"{matrix.dim()}-D tensor: spectral metrics need a matrix"
+    if not matrix.dtype.is_floating_point:
+        return f"{str(matrix.dtype).removeprefix('torch.')} tensor: spectral metrics need floating-point weights"
+    if min(matrix.shape) == 1:
+        return f"degenerate {matrix.shape[0]}×{matrix.shape[1]} matrix: spectral metrics need both dimensions > 1"
+    if mom.nans or mom.infs:
+        return f"contains {mom.nans} NaN and {mom.infs} Inf values: spectral metrics skipped"
+    if mom.zeros == mom.numel:
+        return "all-zero matrix: spectral metrics undefined"
+    return None
+
+
+def _derived_hash(digest: str, key: str) -> str:
+    return hashlib.blake2b(f"{digest}|{key}".encode(), digest_size=16).hexdigest()
+
+
+def _part_shape(anatomy: Anatomy, name: str, part: Part) -> tuple[int, ...]:
+    if not part.suffix:
+        return anatomy.entries[name].shape
+    meta = torch.empty(anatomy.entries[name].shape, device="meta")
+    return tuple(part.apply(meta).shape)
+
+
+@contextmanager
+def _torch_threads(workers: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _resolve_tied(anatomy: Anatomy, hashes: dict[str, str]) -> None:
+    if anatomy.tied_embeddings is not None:
+        return
+    embed = next((hashes[e.name] for e in anatomy.by_role("embed.token") if e.name in hashes), None)
+    head = next((hashes[e.name] for e in anatomy.by_role("lm_head") if e.name in hashes), None)
+    if embed and head:
+        anatomy.tied_embeddings = embed == head
+
+
+def _table(rows: list[dict[str, Any]], metrics: list[Metric]) -> pd.DataFrame:
+    columns = ["name", "layer", "role", "expert", "shape", "dtype", "numel"] + [m.name for m in metrics] + ["error"]
+    table = pd.DataFrame(rows, columns=columns)
+    table["layer"] = table["layer"].astype("Int64")
+    table["expert"] = table["expert"].astype("Int64")
+    if table["expert"].isna().all():
+        table = table.drop(columns="expert")
+    for m in metrics:
+        col = pd.to_numeric(table[m.name], errors="coerce")
+        table[m.name] = col.round().astype("Int64") if m.integer else col.astype(float)
+    return table

@@ -1,0 +1,108 @@
+"""Singular values of a matrix, computed once and shared by every spectral metric.
+
+Route: the eigenvalues of the smaller Gram matrix (``eigvalsh``), several times cheaper than
+``svdvals`` on a CPU. The Gram matrix squares the condition number, so in the default float64
+mode it is accumulated in float64 (in row blocks, so the float64 copy never exceeds a block), and
+a matrix whose condition number exceeds ``GRAM_MAX_CONDITION`` — where even float64 Gram
+eigenvalues lose the small singular values — is re-solved with a float64 SVD of the matrix itself.
+``float32`` mode is the plain fast route, accurate for the large singular values only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+log = logging.getLogger("layerscope")
+
+#: Above this κ the float64 Gram route's σ_min error (~ sqrt(m)·eps64·κ²) may exceed 1e-6 relative.
+GRAM_MAX_CONDITION = 1e4
+BLOCK_BYTES = 64 << 20  # float64 bytes per row block of the Gram accumulation
+
+_fallback_warned = threading.Event()
+
+
+@dataclass
+class Spectrum:
+    """Singular values (descending, float64) of an m × n matrix, plus the quantities metrics share."""
+
+    sv: np.ndarray
+    shape: tuple[int, int]
+    method: str
+
+    @cached_property
+    def evals(self) -> np.ndarray:
+        """Eigenvalues of WᵀW (σ²), ascending — WeightWatcher's ESD."""
+        return np.sort(self.sv.astype(np.float64) ** 2)
+
+    @cached_property
+    def energy(self) -> float:
+        return float(np.sum(self.sv.astype(np.float64) ** 2))
+
+    def powerlaw(self, thresh: float):
+        """The WeightWatcher-style power-law fit of the ESD, memoised per threshold."""
+        from .metrics.powerlaw import fit_powerlaw
+
+        fits = self.__dict__.setdefault("_fits", {})
+        if thresh not in fits:
+            fits[thresh] = fit_powerlaw(self.evals, thresh)
+        return fits[thresh]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if not _fallback_warned.is_set():
+            _fallback_warned.set()
+            log.warning("CUDA requested but not available: computing on the CPU")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _gram(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """WᵀW over the long axis (W is tall here), accumulated in row blocks of ``dtype``."""
+    m, n = w.shape
+    rows = max(1, BLOCK_BYTES // (n * torch.finfo(dtype).bits // 8))
+    if w.dtype == dtype and rows >= m:
+        return w.T @ w
+    g = torch.zeros((n, n), dtype=dtype, device=w.device)
+    for start in range(0, m, rows):
+        block = w[start:start + rows].to(dtype)
+        g.addmm_(block.T, block)
+    return g
+
+
+def _singular_values_on(w: torch.Tensor, precision: str) -> tuple[np.ndarray, str]:
+    if w.shape[0] < w.shape[1]:
+        w = w.T  # Gram on the smaller side; singular values are the same
+    if precision == "float32":
+        lam = torch.linalg.eigvalsh(_gram(w, torch.float32))
+        sv = torch.sqrt(torch.clamp(lam.double(), min=0.0)).flip(0)
+        return sv.cpu().numpy(), "gram32"
+    lam = torch.linalg.eigvalsh(_gram(w, torch.float64))
+    lam_max = float(lam[-1])
+    if lam_max > 0 and float(lam[0]) > lam_max / GRAM_MAX_CONDITION**2:
+        return torch.sqrt(lam).flip(0).cpu().numpy(), "gram64"
+    # ill-conditioned or rank-deficient: the Gram route cannot resolve the small end
+    return torch.linalg.svdvals(w.to(torch.float64)).cpu().numpy(), "svd64"
+
+
+def singular_values(matrix: torch.Tensor, precision: str = "float64", device: str = "cpu") -> tuple[np.ndarray, str]:
+    """σ of a 2-D floating tensor, descending. CUDA out-of-memory falls back to the CPU."""
+    dev = resolve_device(device)
+    w = matrix.detach()
+    if not w.dtype.is_floating_point or w.dtype in (torch.float16, torch.bfloat16) or w.dtype.itemsize == 1:
+        w = w.to(torch.float32)
+    if dev.type == "cuda":
+        try:
+            return _singular_values_on(w.to(dev, non_blocking=False), precision)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory on a %s matrix: computing it on the CPU", "×".join(map(str, w.shape)))
+    return _singular_values_on(w, precision)

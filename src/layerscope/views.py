@@ -1,0 +1,125 @@
+"""Ways to look at results: files (CSV, Parquet, JSON) and readable console tables."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LayerscopeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .anatomy import Anatomy
+    from .pipeline import AnalysisResult
+
+#: Metrics shown in the console summary, in order of preference; the full set goes to --out.
+KEY_METRICS = ("entropy_rank", "stable_rank", "alpha", "condition_number", "std", "frobenius_norm")
+MATRIX_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up",
+                     "moe.router", "moe.expert.gate", "moe.expert.up", "moe.expert.down")
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".json"):
+        raise LayerscopeError(f"{path}: output must end in .csv, .parquet or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    if suffix == ".csv":
+        table.to_csv(tmp, index=False)
+    elif suffix == ".parquet":
+        try:
+            table.to_parquet(tmp, index=False)
+        except ImportError:
+            raise LayerscopeError(f"{path}: writing Parquet needs pyarrow (pip install 'layerscope[parquet]')") from None
+    else:
+        table.to_json(tmp, orient="records", indent=1)
+    os.replace(tmp, path)  # never leave a half-written table under the real name
+    return path
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "—"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        if abs(value) >= 1e5 or (value != 0 and abs(value) < 1e-3):
+            return f"{value:.2e}"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def print_info(anatomy: "Anatomy", label: str, fmt: str, console: Console | None = None) -> None:
+    console = console or Console()
+    d = anatomy.dims
+    table = Table(title=f"{label}", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    table.add_row("family", anatomy.family)
+    table.add_row("format", fmt)
+    table.add_row("parameters", f"{human_count(anatomy.parameter_count)} ({anatomy.parameter_count:,})")
+    table.add_row("tensors", str(len(anatomy.entries)))
+    table.add_row("dtypes", ", ".join(f"{k} ×{v}" for k, v in sorted(anatomy.dtype_counts().items())))
+    table.add_row("tied embeddings", "unknown" if anatomy.tied_embeddings is None else ("yes" if anatomy.tied_embeddings else "no"))
+    dims = ", ".join(f"{k}={getattr(d, k)}" for k in ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim", "vocab_size"))
+    if d.n_experts:
+        dims += f", n_experts={d.n_experts}"
+    table.add_row("dims", f"{dims}  [from {d.source}]")
+    roles = anatomy.role_counts()
+    table.add_row("roles", ", ".join(f"{r} ×{roles[r]}" for r in sorted(roles)))
+    console.print(table)
+
+
+def print_summary(result: "AnalysisResult", console: Console | None = None) -> None:
+    """Per-layer tables of the key metrics by role, then the non-layer matrices and any errors."""
+    console = console or Console()
+    t = result.table
+    key = [m for m in KEY_METRICS if m in t.columns][:3]
+    layered = t[t["layer"].notna()]
+    roles = [r for r in MATRIX_ROLE_ORDER if r in set(layered["role"])]
+    for metric in key:
+        if not roles:
+            break
+        sub = layered[layered["role"].isin(roles)]
+        pivot = sub.groupby(["layer", "role"])[metric].mean().unstack("role")
+        if pivot.isna().all().all():
+            continue
+        table = Table(title=f"{metric} by layer and role", title_justify="left")
+        table.add_column("layer", justify="right")
+        for r in roles:
+            table.add_column(r, justify="right")
+        for layer, row in pivot.iterrows():
+            table.add_row(str(layer), *[_fmt(row.get(r)) for r in roles])
+        console.print(table)
+    others = t[t["layer"].isna() & t["role"].isin(["embed.token", "embed.position", "embed.type", "lm_head"])]
+    if len(others) and key:
+        table = Table(title="embeddings and head", title_justify="left")
+        for col in ["name", "shape", *key]:
+            table.add_column(col, justify="left" if col in ("name", "shape") else "right")
+        for _, row in others.iterrows():
+            table.add_row(row["name"], row["shape"], *[_fmt(row[m]) for m in key])
+        console.print(table)
+    errors = t[t["error"].astype(str) != ""]
+    if len(errors):
+        console.print(f"[yellow]{len(errors)} row(s) with notes[/yellow] (see the 'error' column):")
+        for _, row in errors.head(8).iterrows():
+            console.print(f"  {row['name']}: {row['error']}")
+        if len(errors) > 8:
+            console.print(f"  … and {len(errors) - 8} more")
+    console.print(
+        f"{len(t)} rows from {len(result.anatomy.entries)} tensors in {result.seconds:.1f}s "
+        f"({result.computed} computed, {result.cached} from the store {result.config.resolved_store()})"
+    )

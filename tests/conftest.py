@@ -1,0 +1,65 @@
+"""Shared pytest setup for layerscope's tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+# Set at import time too, so that anything imported while collecting tests
+# (e.g. transformers / huggingface_hub reading the env at import) is offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import checkpoints  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hf_offline():
+    """Never reach the network from the tests."""
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers():
+    """No progress bars / info chatter from transformers' save/load in test logs."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:  # pragma: no cover - transformers is a test dependency
+        yield
+        return
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.set_verbosity(old)
+    hf_logging.enable_progress_bar()
+
+
+@pytest.fixture(autouse=True)
+def _layerscope_cache_dir(tmp_path_factory, monkeypatch):
+    """Point layerscope's default result store at a fresh per-test folder."""
+    cache = tmp_path_factory.mktemp("layerscope-cache")
+    monkeypatch.setenv("LAYERSCOPE_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def arch_checkpoints(tmp_path_factory) -> dict:
+    """{arch: folder} with every arch of checkpoints.ARCHS built once as model.safetensors."""
+    root = tmp_path_factory.mktemp("arch-checkpoints")
+    return {arch: checkpoints.build_hf(arch, root / arch, fmt="safetensors") for arch in checkpoints.ARCHS}
