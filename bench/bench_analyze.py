@@ -1,0 +1,418 @@
+"""Speed of ``layerscope.analyze`` against its floor, WeightWatcher 0.7.x and its own cache.
+
+On the synthetic 4-layer Llama checkpoint (float32 on disk; see make_checkpoint.py), in ONE process:
+
+  (b) floor       for every 2-D float tensor of the checkpoint (embeddings and lm_head included):
+                  load it, form the smaller Gram matrix (WᵀW or WWᵀ) in float32, eigvalsh — nothing
+                  else; sequential, torch's default thread count.
+  (a) layerscope  ``layerscope.analyze(path, store=<fresh temp store>)``, default metrics/config.
+  (d) cache       the same call again on the same store: must recompute nothing.
+  (c) WeightWatcher  ``WeightWatcher(model=model).analyze()`` on the same weights loaded as a
+                  ``LlamaForCausalLM`` in memory (load time reported separately).
+  (e) agreement   layerscope's alpha vs WeightWatcher's alpha on the matrices both analysed,
+                  joined by tensor name (WW ``longname`` + ".weight").
+
+Every figure is wall seconds (``time.perf_counter``) plus process CPU seconds; ratios are taken
+between figures measured in this same process, which is what counts on a noisy shared machine.
+Targets: layerscope/floor <= 1.25, WW/layerscope >= 5, layerscope/cache re-run >= 10.
+
+Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute), ``--breakdown``
+(an extra, untimed-for-the-ratios instrumented layerscope run that reports where its thread time
+goes), ``--f32`` (also time layerscope with dtype="float32"), ``--skip-ww``, ``--root DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import layerscope  # noqa: E402
+from make_checkpoint import DEFAULT_ROOT, checkpoint_files, ensure_checkpoint, warm_page_cache  # noqa: E402
+
+TARGET_FLOOR = 1.25
+TARGET_WW = 5.0
+TARGET_CACHE = 10.0
+
+
+# -- timing helpers -------------------------------------------------------------------------------
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _system_busy() -> float:
+    """CPU-seconds all processes have been busy (from /proc/stat), or nan off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return math.nan
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals[:8]) - idle) / _HZ
+
+
+class Measure:
+    """wall seconds, this process's CPU seconds, and the cores other processes kept busy meanwhile."""
+
+    def __init__(self, wall: float, cpu: float, others: float):
+        self.wall, self.cpu, self.others = wall, cpu, others
+
+
+@contextmanager
+def timed(into: dict, key: str):
+    gc.collect()
+    w0, c0, b0 = time.perf_counter(), _cpu(), _system_busy()
+    yield
+    wall, cpu = time.perf_counter() - w0, _cpu() - c0
+    others = max(0.0, (_system_busy() - b0 - cpu) / wall) if wall > 0 else math.nan
+    into.setdefault(key, []).append(Measure(wall, cpu, others))
+    print(f"  .. {key}: {wall:.2f}s wall, {cpu:.2f}s cpu, other processes busy {others:.2f} cores",
+          file=sys.stderr, flush=True)
+
+
+def best(ms: list) -> Measure:
+    """The least-disturbed repetition (minimum wall time)."""
+    return min(ms, key=lambda m: m.wall)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+# -- the matrices ---------------------------------------------------------------------------------
+def two_d_float_tensors(path: Path) -> list[tuple[Path, str, tuple[int, int]]]:
+    """(file, name, shape) of every 2-D floating-point tensor in the checkpoint, in file order."""
+    from safetensors import safe_open
+
+    out = []
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                shape = tuple(sl.get_shape())
+                if len(shape) == 2 and sl.get_dtype() in ("F64", "F32", "F16", "BF16"):
+                    out.append((f, name, shape))
+    return out
+
+
+def floor_run(matrices) -> dict:
+    """Load each matrix, smaller Gram in float32, eigvalsh. Nothing else; default torch threads."""
+    from safetensors import safe_open
+
+    parts = defaultdict(float)
+    by_file = defaultdict(list)
+    for f, name, _ in matrices:
+        by_file[f].append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as st:
+            for name in names:
+                t0 = time.perf_counter()
+                w = st.get_tensor(name).to(torch.float32)
+                t1 = time.perf_counter()
+                g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+                t2 = time.perf_counter()
+                lam = torch.linalg.eigvalsh(g)
+                t3 = time.perf_counter()
+                parts["load"] += t1 - t0
+                parts["gram"] += t2 - t1
+                parts["eigvalsh"] += t3 - t2
+                del w, g, lam
+    return dict(parts)
+
+
+# -- layerscope -----------------------------------------------------------------------------------
+def run_layerscope(path: Path, store: Path, **overrides):
+    return layerscope.analyze(str(path), store=str(store), **overrides)
+
+
+def fallback_count(table) -> int:
+    """Matrices whose κ exceeds layerscope's Gram limit, i.e. that took the float64 SVD route."""
+    from layerscope.spectrum import GRAM_MAX_CONDITION
+
+    if "condition_number" not in table:
+        return -1
+    return int((table["condition_number"].astype(float) > GRAM_MAX_CONDITION).sum())
+
+
+# -- instrumented breakdown (separate, extra run) -------------------------------------------------
+class _Acc:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sec = defaultdict(float)
+        self.count = defaultdict(int)
+
+    def add(self, key, dt, n=1):
+        with self.lock:
+            self.sec[key] += dt
+            self.count[key] += n
+
+
+def breakdown_run(path: Path, store: Path) -> tuple[float, _Acc]:
+    """Run analyze with timers wrapped around its stages (monkeypatched in THIS process only)."""
+    import layerscope.metrics.powerlaw as lp
+    import layerscope.pipeline as lpipe
+    import layerscope.sources.base as lbase
+    import layerscope.spectrum as lspec
+    import layerscope.store as lstore
+
+    acc = _Acc()
+    saved = []
+
+    def wrap(owner, attr, key, post=None):
+        orig = getattr(owner, attr)
+        saved.append((owner, attr, orig))
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = orig(*a, **k)
+            acc.add(key, time.perf_counter() - t0)
+            if post:
+                post(out)
+            return out
+
+        setattr(owner, attr, wrapper)
+
+    def count_method(out):
+        acc.add("method:" + out[1], 0.0)
+
+    src = layerscope.open_source(str(path))
+    wrap(src, "load", "read file (readinto)")
+    wrap(lbase, "content_hash", "content hash (blake2b)")
+    wrap(lpipe, "moments", "moments (float64 chunks)")
+    wrap(lspec, "_gram", "gram matrix")
+    wrap(lspec, "_singular_values_on", "spectrum total (gram+eig/svd)", post=count_method)
+    wrap(lp, "fit_powerlaw", "power-law fit")
+    wrap(lpipe._Runner, "_compute", "compute total (moments+spectrum+metrics)")
+    wrap(lstore.Store, "put", "store.put (sqlite)")
+    wrap(lstore.Store, "get", "store.get (sqlite)")
+    wrap(lstore.Store, "hash_for", "store.hash_for (sqlite)")
+    try:
+        t0 = time.perf_counter()
+        layerscope.analyze(src, store=str(store))
+        wall = time.perf_counter() - t0
+    finally:
+        for owner, attr, orig in reversed(saved):
+            setattr(owner, attr, orig)
+    return wall, acc
+
+
+def print_breakdown(wall: float, acc: _Acc, workers: int) -> None:
+    s = acc.sec
+    spectrum = s.get("spectrum total (gram+eig/svd)", 0.0)
+    gram = s.get("gram matrix", 0.0)
+    compute = s.get("compute total (moments+spectrum+metrics)", 0.0)
+    moments = s.get("moments (float64 chunks)", 0.0)
+    rows = [
+        ("read file (readinto)", s.get("read file (readinto)", 0.0)),
+        ("content hash (blake2b)", s.get("content hash (blake2b)", 0.0)),
+        ("moments (float64 chunks)", moments),
+        ("gram matrix (float64, blocked)", gram),
+        ("eigvalsh / svd fallback", spectrum - gram),
+        ("metrics (power-law fit etc.)", compute - moments - spectrum),
+        ("  of which power-law fit", s.get("power-law fit", 0.0)),
+        ("sqlite store (get/put/hash_for)", s.get("store.put (sqlite)", 0.0) + s.get("store.get (sqlite)", 0.0)
+         + s.get("store.hash_for (sqlite)", 0.0)),
+    ]
+    total_thread = wall * workers
+    print(f"\nlayerscope time breakdown (instrumented extra run, {workers} worker threads; wall {wall:.2f}s,"
+          f" {total_thread:.1f} worker-thread-seconds available)")
+    print(f"  {'stage':36s} {'thread-s':>9s} {'% of wall×workers':>18s}")
+    accounted = 0.0
+    for label, sec in rows:
+        if not label.startswith("  "):
+            accounted += sec
+        print(f"  {label:36s} {sec:9.2f} {100 * sec / total_thread:17.1f}%")
+    print(f"  {'(idle / unaccounted)':36s} {total_thread - accounted:9.2f} {100 * (total_thread - accounted) / total_thread:17.1f}%")
+    methods = {k.split(":", 1)[1]: v for k, v in acc.count.items() if k.startswith("method:")}
+    print(f"  spectrum routes: {methods}")
+
+
+# -- WeightWatcher --------------------------------------------------------------------------------
+def ww_reasons(shape: tuple[int, int], is_embedding: bool) -> str:
+    """Why WW 0.7's layer_supported() would reject a matrix with its default limits."""
+    from weightwatcher.constants import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
+
+    n, m = max(shape), min(shape)
+    why = []
+    if m < DEFAULT_MIN_EVALS:
+        why.append(f"M={m} < min_evals {DEFAULT_MIN_EVALS}")
+    if m > DEFAULT_MAX_EVALS:
+        why.append(f"M={m} > max_evals {DEFAULT_MAX_EVALS}")
+    if n > DEFAULT_MAX_N:
+        why.append(f"N={n} > max_N {DEFAULT_MAX_N}")
+    return "; ".join(why) or "(not an nn.Linear/nn.Embedding WW recognises)"
+
+
+def run_ww(path: Path, times: dict):
+    import logging
+
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    import weightwatcher as ww
+
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    with timed(times, "WW: load LlamaForCausalLM (not in WW figure)"):
+        model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model.eval()
+    with timed(times, "WW analyze"):
+        details = ww.WeightWatcher(model=model).analyze()
+    del model
+    gc.collect()
+    return details
+
+
+# -- main -----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="2-layer d_model 512 variant (smoke run)")
+    ap.add_argument("--root", default=DEFAULT_ROOT, help=f"checkpoint cache folder (default {DEFAULT_ROOT})")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, 2 with --small)")
+    ap.add_argument("--skip-ww", action="store_true")
+    ap.add_argument("--f32", action="store_true", help='also time layerscope with dtype="float32" (informative)')
+    ap.add_argument("--breakdown", action="store_true", help="extra instrumented run: where layerscope's time goes")
+    args = ap.parse_args(argv)
+
+    n_layers = args.layers or (2 if args.small else 4)
+    path = ensure_checkpoint(args.root, n_layers=n_layers, dtype=torch.float32, small=args.small)
+    nbytes = warm_page_cache(path)
+    matrices = two_d_float_tensors(path)
+    n_params = sum(a * b for _, _, (a, b) in matrices)
+    print(f"checkpoint: {path}\n  {len(matrices)} 2-D float32 matrices, {n_params:,} parameters in them, "
+          f"{nbytes / 1e9:.2f} GB of files (page cache warmed)")
+    print(f"  torch {torch.__version__}, default torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"layerscope workers {layerscope.Config().resolved_workers()}, loadavg at start {loadavg()}", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="layerscope-bench-"))
+    times: dict[str, tuple[float, float]] = {}
+    info: dict[str, object] = {}
+    try:
+        # (b) floor
+        with timed(times, "floor"):
+            floor_parts = floor_run(matrices)
+        # (a) layerscope, fresh store
+        store = tmp / "a.sqlite"
+        with timed(times, "layerscope"):
+            res_a = run_layerscope(path, store)
+        table = res_a.table
+        info["a"] = (res_a.computed, res_a.cached, res_a.seconds, len(table), fallback_count(table))
+        # (d) cache re-run, same store
+        with timed(times, "cache re-run"):
+            res_d = run_layerscope(path, store)
+        info["d"] = (res_d.computed, res_d.cached, res_d.seconds)
+        if args.f32:
+            with timed(times, "layerscope float32"):
+                res_f = run_layerscope(path, tmp / "f32.sqlite", dtype="float32")
+            info["f32"] = (res_f.computed, res_f.cached)
+        # (c) WeightWatcher
+        details = None
+        if not args.skip_ww:
+            details = run_ww(path, times)
+        if args.breakdown:
+            bwall, acc = breakdown_run(path, tmp / "breakdown.sqlite")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- report -----------------------------------------------------------------------------
+    ls_w, ls_c = times["layerscope"]
+    fl_w, fl_c = times["floor"]
+    cr_w, cr_c = times["cache re-run"]
+    print(f"\n=== bench_analyze: {'SMALL ' if args.small else ''}{n_layers}-layer Llama (float32 on disk), "
+          f"loadavg at end {loadavg()} ===")
+    print(f"  {'measurement':44s} {'wall s':>9s} {'cpu s':>9s}")
+    for key, (w, c) in times.items():
+        print(f"  {key:44s} {w:9.2f} {c:9.2f}")
+    print(f"  floor parts (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in floor_parts.items()))
+    comp, cach, secs, nrows, nfall = info["a"]
+    print(f"  layerscope (a): {nrows} rows, computed {comp}, cached {cach} (identical 1-D norm tensors share a hash), "
+          f"result.seconds {secs:.2f}; matrices with κ > 1e4 (float64 SVD fallback route): {nfall}")
+    comp_d, cach_d, secs_d = info["d"]
+    print(f"  cache re-run (d): computed {comp_d}, cached {cach_d}, result.seconds {secs_d:.3f}"
+          f"  -> {'OK: recomputed nothing' if comp_d == 0 else 'PROBLEM: recomputed ' + str(comp_d)}")
+
+    print("\n  ratio                                   wall      cpu    target   verdict(wall)")
+
+    def ratio_line(label, num, den, target, le):
+        rw = num[0] / den[0] if den[0] > 0 else math.inf
+        rc = num[1] / den[1] if den[1] > 0 else math.inf
+        ok = rw <= target if le else rw >= target
+        print(f"  {label:36s} {rw:8.2f} {rc:8.2f}   {'<=' if le else '>='} {target:<5g}  {'PASS' if ok else 'FAIL'}")
+
+    ratio_line("layerscope / floor", times["layerscope"], times["floor"], TARGET_FLOOR, True)
+    if "WW analyze" in times:
+        ratio_line("WeightWatcher / layerscope", times["WW analyze"], times["layerscope"], TARGET_WW, False)
+    ratio_line("layerscope / cache re-run", times["layerscope"], times["cache re-run"], TARGET_CACHE, False)
+    if "layerscope float32" in times:
+        ratio_line("layerscope(dtype=float32) / floor", times["layerscope float32"], times["floor"], TARGET_FLOOR, True)
+
+    # ---- WW coverage and (e) alpha agreement --------------------------------------------------
+    if details is not None:
+        ww_names = {f"{ln}.weight": i for i, ln in zip(details.index, details["longname"])}
+        ls_names = {name: shape for _, name, shape in matrices}
+        both = [n for n in ls_names if n in ww_names]
+        skipped = [n for n in ls_names if n not in ww_names]
+        print(f"\n  WeightWatcher analysed {len(details)} layers; {len(both)} of layerscope's {len(ls_names)} matrices; "
+              f"skipped {len(skipped)}" + (":" if skipped else ""))
+        for n in skipped:
+            print(f"    skipped {n} {ls_names[n]}: {ww_reasons(ls_names[n], 'embed' in n)}")
+        extra = [k for k in ww_names if k not in ls_names]
+        if extra:
+            print(f"    WW layers with no layerscope matrix: {extra}")
+        emb = [n for n in both if "embed" in n]
+        if emb:
+            row = details.loc[ww_names[emb[0]]]
+            print(f"    embeddings: WW analysed {emb} as layer_type {row.get('layer_type', '?')} (N={row['N']}, M={row['M']})")
+        t = table.set_index("name")
+        pairs = []
+        for n in both:
+            pairs.append((n, float(t.loc[n, "alpha"]), float(details.loc[ww_names[n], "alpha"])))
+        diffs = np.array([abs(a - b) for _, a, b in pairs])
+        rel = np.array([abs(a - b) / abs(b) if b else math.inf for _, a, b in pairs])
+        print(f"\n  (e) alpha agreement on {len(pairs)} common matrices: max |layerscope - WW| = {diffs.max():.3g}, "
+              f"max relative = {rel.max():.3g}, median |diff| = {np.median(diffs):.3g}")
+        worst = sorted(pairs, key=lambda p: -abs(p[1] - p[2]))
+        show = worst[:3] + [p for p in pairs if p not in worst[:3]][:3]
+        print(f"    {'matrix':48s} {'layerscope':>11s} {'WW':>11s}")
+        for n, a, b in show:
+            print(f"    {n:48s} {a:11.5f} {b:11.5f}")
+        for ls_col, ww_col in (("log_norm", "log_norm"), ("log_spectral_norm", "log_spectral_norm"),
+                               ("alpha_weighted", "alpha_weighted")):
+            if ls_col in t.columns and ww_col in details.columns:
+                d = [abs(float(t.loc[n, ls_col]) - float(details.loc[ww_names[n], ww_col])) for n in both]
+                print(f"    {ls_col:20s} max |diff| = {max(d):.3g}")
+
+    if args.breakdown:
+        print_breakdown(bwall, acc, layerscope.Config().resolved_workers())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
