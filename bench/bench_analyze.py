@@ -16,9 +16,13 @@ Every figure is wall seconds (``time.perf_counter``) plus process CPU seconds; r
 between figures measured in this same process, which is what counts on a noisy shared machine.
 Targets: layerscope/floor <= 1.25, WW/layerscope >= 5, layerscope/cache re-run >= 10.
 
-Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute), ``--breakdown``
-(an extra, untimed-for-the-ratios instrumented layerscope run that reports where its thread time
-goes), ``--f32`` (also time layerscope with dtype="float32"), ``--skip-ww``, ``--root DIR``.
+Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute); ``--repeat N``
+(floor and layerscope timed N times interleaved, ratios from each one's fastest repetition;
+default 2); ``--breakdown`` (an extra instrumented layerscope run, not used in the ratios, that
+reports where its thread time goes); ``--f32`` (also time layerscope with dtype="float32");
+``--floor-1thread`` (also time the floor single-threaded); ``--skip-ww``; ``--root DIR``.
+Each measurement also prints how many cores OTHER processes kept busy meanwhile (/proc/stat), to
+tell a slow run from a disturbed one.
 """
 
 from __future__ import annotations
@@ -296,8 +300,13 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="2-layer d_model 512 variant (smoke run)")
     ap.add_argument("--root", default=DEFAULT_ROOT, help=f"checkpoint cache folder (default {DEFAULT_ROOT})")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, 2 with --small)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="floor and layerscope are timed this many times, interleaved; ratios use each one's "
+                         "fastest repetition (default 2)")
     ap.add_argument("--skip-ww", action="store_true")
     ap.add_argument("--f32", action="store_true", help='also time layerscope with dtype="float32" (informative)')
+    ap.add_argument("--floor-1thread", action="store_true",
+                    help="also time the floor with torch.set_num_threads(1) (informative)")
     ap.add_argument("--breakdown", action="store_true", help="extra instrumented run: where layerscope's time goes")
     args = ap.parse_args(argv)
 
@@ -312,28 +321,38 @@ def main(argv=None) -> int:
           f"layerscope workers {layerscope.Config().resolved_workers()}, loadavg at start {loadavg()}", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="layerscope-bench-"))
-    times: dict[str, tuple[float, float]] = {}
+    times: dict[str, list[Measure]] = {}
     info: dict[str, object] = {}
+    floor_parts: list[dict] = []
+    details = None
     try:
-        # (b) floor
-        with timed(times, "floor"):
-            floor_parts = floor_run(matrices)
-        # (a) layerscope, fresh store
-        store = tmp / "a.sqlite"
-        with timed(times, "layerscope"):
-            res_a = run_layerscope(path, store)
+        for rep in range(args.repeat):
+            # (b) floor
+            with timed(times, "floor (float32 Gram + eigvalsh)"):
+                floor_parts.append(floor_run(matrices))
+            # (a) layerscope, fresh store each repetition
+            store = tmp / f"a{rep}.sqlite"
+            with timed(times, "layerscope analyze (fresh store)"):
+                res_a = run_layerscope(path, store)
+            info["a"] = (res_a.computed, res_a.cached, res_a.seconds, len(res_a.table), fallback_count(res_a.table))
         table = res_a.table
-        info["a"] = (res_a.computed, res_a.cached, res_a.seconds, len(table), fallback_count(table))
-        # (d) cache re-run, same store
-        with timed(times, "cache re-run"):
+        # (d) cache re-run, same store as the last (a)
+        with timed(times, "layerscope cache re-run (same store)"):
             res_d = run_layerscope(path, store)
         info["d"] = (res_d.computed, res_d.cached, res_d.seconds)
+        if args.floor_1thread:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with timed(times, "floor, 1 torch thread [extra]"):
+                    floor_run(matrices)
+            finally:
+                torch.set_num_threads(before)
         if args.f32:
-            with timed(times, "layerscope float32"):
+            with timed(times, "layerscope dtype=float32 [extra]"):
                 res_f = run_layerscope(path, tmp / "f32.sqlite", dtype="float32")
             info["f32"] = (res_f.computed, res_f.cached)
         # (c) WeightWatcher
-        details = None
         if not args.skip_ww:
             details = run_ww(path, times)
         if args.breakdown:
@@ -342,36 +361,44 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- report -----------------------------------------------------------------------------
-    ls_w, ls_c = times["layerscope"]
-    fl_w, fl_c = times["floor"]
-    cr_w, cr_c = times["cache re-run"]
-    print(f"\n=== bench_analyze: {'SMALL ' if args.small else ''}{n_layers}-layer Llama (float32 on disk), "
-          f"loadavg at end {loadavg()} ===")
-    print(f"  {'measurement':44s} {'wall s':>9s} {'cpu s':>9s}")
-    for key, (w, c) in times.items():
-        print(f"  {key:44s} {w:9.2f} {c:9.2f}")
-    print(f"  floor parts (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in floor_parts.items()))
+    FLOOR, LS, CACHE = "floor (float32 Gram + eigvalsh)", "layerscope analyze (fresh store)", "layerscope cache re-run (same store)"
+    WW, F32, F1 = "WW analyze", "layerscope dtype=float32 [extra]", "floor, 1 torch thread [extra]"
+    print(f"\n=== bench_analyze: {'SMALL ' if args.small else ''}{n_layers}-layer Llama, {len(matrices)} matrices, "
+          f"{n_params / 1e6:.0f}M params (float32 on disk); loadavg at end {loadavg()} ===")
+    print(f"  {'measurement':46s} {'wall s':>8s} {'cpu s':>8s} {'others':>7s}   (others = cores busy in OTHER processes)")
+    for key, ms in times.items():
+        for i, m in enumerate(ms):
+            tag = f" #{i + 1}" if len(ms) > 1 else ""
+            print(f"  {key + tag:46s} {m.wall:8.2f} {m.cpu:8.2f} {m.others:7.2f}")
+    fp = min(floor_parts, key=lambda d: sum(d.values()))
+    print(f"  floor parts of its fastest repetition (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()))
     comp, cach, secs, nrows, nfall = info["a"]
-    print(f"  layerscope (a): {nrows} rows, computed {comp}, cached {cach} (identical 1-D norm tensors share a hash), "
-          f"result.seconds {secs:.2f}; matrices with κ > 1e4 (float64 SVD fallback route): {nfall}")
+    print(f"  layerscope: {nrows} rows, computed {comp}, cached {cach} (identical 1-D norm tensors share a hash), "
+          f"result.seconds {secs:.2f}; matrices with condition number > 1e4 (float64 SVD fallback route): {nfall}")
     comp_d, cach_d, secs_d = info["d"]
-    print(f"  cache re-run (d): computed {comp_d}, cached {cach_d}, result.seconds {secs_d:.3f}"
+    print(f"  cache re-run: computed {comp_d}, cached {cach_d}, result.seconds {secs_d:.3f}"
           f"  -> {'OK: recomputed nothing' if comp_d == 0 else 'PROBLEM: recomputed ' + str(comp_d)}")
 
-    print("\n  ratio                                   wall      cpu    target   verdict(wall)")
+    print(f"\n  ratio (fastest repetition of each)         wall      cpu    target   verdict (wall)")
 
     def ratio_line(label, num, den, target, le):
-        rw = num[0] / den[0] if den[0] > 0 else math.inf
-        rc = num[1] / den[1] if den[1] > 0 else math.inf
+        a, b = best(times[num]), best(times[den])
+        rw = a.wall / b.wall if b.wall > 0 else math.inf
+        rc = a.cpu / b.cpu if b.cpu > 0 else math.inf
         ok = rw <= target if le else rw >= target
-        print(f"  {label:36s} {rw:8.2f} {rc:8.2f}   {'<=' if le else '>='} {target:<5g}  {'PASS' if ok else 'FAIL'}")
+        tgt = f"{'<=' if le else '>='} {target:<5g}" if target else "  -     "
+        verdict = ("PASS" if ok else "FAIL") if target else "(info)"
+        print(f"  {label:40s} {rw:8.2f} {rc:8.2f}   {tgt}  {verdict}")
 
-    ratio_line("layerscope / floor", times["layerscope"], times["floor"], TARGET_FLOOR, True)
-    if "WW analyze" in times:
-        ratio_line("WeightWatcher / layerscope", times["WW analyze"], times["layerscope"], TARGET_WW, False)
-    ratio_line("layerscope / cache re-run", times["layerscope"], times["cache re-run"], TARGET_CACHE, False)
-    if "layerscope float32" in times:
-        ratio_line("layerscope(dtype=float32) / floor", times["layerscope float32"], times["floor"], TARGET_FLOOR, True)
+    ratio_line("layerscope / floor", LS, FLOOR, TARGET_FLOOR, True)
+    if WW in times:
+        ratio_line("WeightWatcher / layerscope", WW, LS, TARGET_WW, False)
+    ratio_line("layerscope / cache re-run", LS, CACHE, TARGET_CACHE, False)
+    if F32 in times:
+        ratio_line("layerscope(dtype=float32) / floor", F32, FLOOR, 0, True)
+    if F1 in times:
+        ratio_line("layerscope / floor(1 thread)", LS, F1, 0, True)
+        ratio_line("floor(1 thread) / floor(default threads)", F1, FLOOR, 0, True)
 
     # ---- WW coverage and (e) alpha agreement --------------------------------------------------
     if details is not None:
@@ -379,35 +406,33 @@ def main(argv=None) -> int:
         ls_names = {name: shape for _, name, shape in matrices}
         both = [n for n in ls_names if n in ww_names]
         skipped = [n for n in ls_names if n not in ww_names]
-        print(f"\n  WeightWatcher analysed {len(details)} layers; {len(both)} of layerscope's {len(ls_names)} matrices; "
-              f"skipped {len(skipped)}" + (":" if skipped else ""))
+        print(f"\n  WeightWatcher 0.7 (defaults) analysed {len(details)} layers = {len(both)} of layerscope's "
+              f"{len(ls_names)} matrices; skipped {len(skipped)}" + (":" if skipped else ""))
         for n in skipped:
             print(f"    skipped {n} {ls_names[n]}: {ww_reasons(ls_names[n], 'embed' in n)}")
         extra = [k for k in ww_names if k not in ls_names]
         if extra:
             print(f"    WW layers with no layerscope matrix: {extra}")
-        emb = [n for n in both if "embed" in n]
-        if emb:
-            row = details.loc[ww_names[emb[0]]]
-            print(f"    embeddings: WW analysed {emb} as layer_type {row.get('layer_type', '?')} (N={row['N']}, M={row['M']})")
-        t = table.set_index("name")
-        pairs = []
         for n in both:
-            pairs.append((n, float(t.loc[n, "alpha"]), float(details.loc[ww_names[n], "alpha"])))
+            if "embed" in n or "lm_head" in n:
+                row = details.loc[ww_names[n]]
+                print(f"    {n}: analysed by WW as layer_type {row.get('layer_type', '?')} (N={row['N']}, M={row['M']}; "
+                      f"max_N limit 50000 not hit)")
+        t = table.set_index("name")
+        pairs = [(n, float(t.loc[n, "alpha"]), float(details.loc[ww_names[n], "alpha"])) for n in both]
         diffs = np.array([abs(a - b) for _, a, b in pairs])
         rel = np.array([abs(a - b) / abs(b) if b else math.inf for _, a, b in pairs])
         print(f"\n  (e) alpha agreement on {len(pairs)} common matrices: max |layerscope - WW| = {diffs.max():.3g}, "
               f"max relative = {rel.max():.3g}, median |diff| = {np.median(diffs):.3g}")
         worst = sorted(pairs, key=lambda p: -abs(p[1] - p[2]))
         show = worst[:3] + [p for p in pairs if p not in worst[:3]][:3]
-        print(f"    {'matrix':48s} {'layerscope':>11s} {'WW':>11s}")
+        print(f"    {'matrix':48s} {'layerscope':>11s} {'WW':>11s}   (3 worst, then 3 others)")
         for n, a, b in show:
             print(f"    {n:48s} {a:11.5f} {b:11.5f}")
-        for ls_col, ww_col in (("log_norm", "log_norm"), ("log_spectral_norm", "log_spectral_norm"),
-                               ("alpha_weighted", "alpha_weighted")):
-            if ls_col in t.columns and ww_col in details.columns:
-                d = [abs(float(t.loc[n, ls_col]) - float(details.loc[ww_names[n], ww_col])) for n in both]
-                print(f"    {ls_col:20s} max |diff| = {max(d):.3g}")
+        for col in ("log_norm", "log_spectral_norm", "alpha_weighted"):
+            if col in t.columns and col in details.columns:
+                d = [abs(float(t.loc[n, col]) - float(details.loc[ww_names[n], col])) for n in both]
+                print(f"    also {col:18s} max |diff| = {max(d):.3g}")
 
     if args.breakdown:
         print_breakdown(bwall, acc, layerscope.Config().resolved_workers())

@@ -68,13 +68,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
-    from .pipeline import inspect
+    from .anatomy import build_anatomy
     from .sources import open_source
     from .views import print_info
 
     source = open_source(args.path, args.revision)
-    from .anatomy import build_anatomy
-
     anatomy = build_anatomy(source.infos, source.config)
     if args.json:
         print(json.dumps({"source": source.label, "format": source.format, **anatomy.to_dict()}, indent=2))

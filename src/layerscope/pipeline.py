@@ -10,7 +10,9 @@ Results go to the store as soon as each tensor is done.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import threading
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -93,20 +95,21 @@ class _Runner:
         self.hashes: dict[str, str] = {}
         self.computed = 0
         self.cached = 0
+        self._count_lock = threading.Lock()
 
     def run(self, progress: ProgressCallback | None) -> dict[str, list[dict[str, Any]]]:
         names = sorted(self.source.names(), key=lambda n: -self.source.infos[n].numel)
         workers = min(self.config.resolved_workers(), max(1, len(names)))
         results: dict[str, list[dict[str, Any]]] = {}
         total = len(names)
-        with _torch_threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="layerscope") as pool:
+        queue = iter(names)
+        with _torch_threads(workers):
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="layerscope")
             pending: dict[Future, str] = {}
-            queue = iter(names)
             try:
-                for name in queue:
+                # never more tensors in flight than workers: memory stays bounded by the largest ones
+                for name in itertools.islice(queue, workers):
                     pending[pool.submit(self.analyse_tensor, name)] = name
-                    if len(pending) >= workers:  # bound memory: never more tensors in flight than workers
-                        break
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
@@ -117,10 +120,9 @@ class _Runner:
                         nxt = next(queue, None)
                         if nxt is not None:
                             pending[pool.submit(self.analyse_tensor, nxt)] = nxt
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+            finally:
+                # on Ctrl-C do not wait for decompositions in flight; finished tensors are already stored
+                pool.shutdown(wait=not pending, cancel_futures=True)
         return results
 
     def analyse_tensor(self, name: str) -> list[dict[str, Any]]:
@@ -139,15 +141,18 @@ class _Runner:
             part_hash = digest if not part.suffix else _derived_hash(digest, part.key)
             values = self.store.get(part_hash, self.keys) if self.config.cache else {}
             missing = [m for m in self.metrics if (m.name, m.key) not in values]
-            if missing or ERROR_KEY not in values:
+            recompute = bool(missing) or ERROR_KEY not in values
+            if recompute:
                 if tensor is None:
                     tensor, _ = self._read(name, force=True)
                 new_values, spectrum = self._compute(part.apply(tensor), missing, part_hash)
                 self.store.put(part_hash, new_values, spectrum)
                 values.update(new_values)
-                self.computed += 1
-            else:
-                self.cached += 1
+            with self._count_lock:
+                if recompute:
+                    self.computed += 1
+                else:
+                    self.cached += 1
             rows.append(self._row(name, part, _part_shape(self.anatomy, name, part), values))
         return rows
 

@@ -25,6 +25,24 @@ GRAM_MAX_CONDITION = 1e4
 BLOCK_BYTES = 64 << 20  # float64 bytes per row block of the Gram accumulation
 
 _fallback_warned = threading.Event()
+_warm_lock = threading.Lock()
+_warm_devices: set[str] = set()
+
+
+def _warm_up(dev: torch.device) -> None:
+    """Initialise the CUDA linear-algebra backends once, from one thread.
+
+    Their lazy initialisation is not thread-safe ("lazy wrapper should be called at most once"
+    when two workers hit ``eigvalsh`` first at the same time).
+    """
+    with _warm_lock:
+        if str(dev) in _warm_devices:
+            return
+        x = torch.eye(4, dtype=torch.float64, device=dev)
+        torch.linalg.eigvalsh(x)
+        torch.linalg.svdvals(x)
+        torch.linalg.eigvalsh(x.float())
+        _warm_devices.add(str(dev))
 
 
 @dataclass
@@ -101,8 +119,11 @@ def singular_values(matrix: torch.Tensor, precision: str = "float64", device: st
         w = w.to(torch.float32)
     if dev.type == "cuda":
         try:
+            _warm_up(dev)
             return _singular_values_on(w.to(dev, non_blocking=False), precision)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+                raise
             torch.cuda.empty_cache()
             log.warning("CUDA out of memory on a %s matrix: computing it on the CPU", "×".join(map(str, w.shape)))
     return _singular_values_on(w, precision)

@@ -73,7 +73,11 @@ def print_info(anatomy: "Anatomy", label: str, fmt: str, console: Console | None
     table.add_row("parameters", f"{human_count(anatomy.parameter_count)} ({anatomy.parameter_count:,})")
     table.add_row("tensors", str(len(anatomy.entries)))
     table.add_row("dtypes", ", ".join(f"{k} ×{v}" for k, v in sorted(anatomy.dtype_counts().items())))
-    table.add_row("tied embeddings", "unknown" if anatomy.tied_embeddings is None else ("yes" if anatomy.tied_embeddings else "no"))
+    if anatomy.tied_embeddings is not None:
+        tied = "yes" if anatomy.tied_embeddings else "no"
+    else:
+        tied = "n/a (no lm_head)" if not anatomy.by_role("lm_head") else "unknown until analysed"
+    table.add_row("tied embeddings", tied)
     dims = ", ".join(f"{k}={getattr(d, k)}" for k in ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim", "vocab_size"))
     if d.n_experts:
         dims += f", n_experts={d.n_experts}"
