@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 from .anatomy import Anatomy, Dims  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import LayerscopeError  # noqa: E402
+from .heads import HeadsResult, heads  # noqa: E402
 from .metrics import all_metrics, register  # noqa: E402
 from .pipeline import AnalysisResult, analyze, inspect  # noqa: E402
 from .sources import open_source  # noqa: E402
 
-__all__ = ["AnalysisResult", "Anatomy", "Config", "Dims", "LayerscopeError", "all_metrics", "analyze", "inspect",
+__all__ = ["HeadsResult", "heads", "AnalysisResult", "Anatomy", "Config", "Dims", "LayerscopeError", "all_metrics", "analyze", "inspect",
            "open_source", "register", "__version__"]

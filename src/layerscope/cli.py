@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -46,7 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--no-cache", action="store_true", help="recompute everything instead of reading the store")
     an.add_argument("--no-slices", action="store_true", help="do not analyse q/k/v slices of fused matrices and MoE experts separately")
     an.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
+    an.add_argument("--plot", help="folder for figures (MLP down-projection explained-variance curves)")
     an.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+    hd = sub.add_parser("heads", help="QK and OV circuits of every attention head (factored, GQA aware)")
+    _add_common(hd)
+    hd.add_argument("--out", help="write the per-head table to .csv, .parquet or .json (JSON keeps the top eigenvalues)")
+    hd.add_argument("--plot", help="folder for layer × head heatmaps and eigenvalue plots")
+    hd.add_argument("--select", help="heads to plot eigenvalues of, as LAYER.HEAD list (default: most and least copying)")
+    hd.add_argument("--low-pct", type=float, default=25.0, help="low-rank heads: qk_entropy_rank at or below this percentile")
+    hd.add_argument("--high-pct", type=float, default=75.0, help="high-rank heads: qk_entropy_rank at or above this percentile")
+    hd.add_argument("--store", help="SQLite result store")
+    hd.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
+    hd.add_argument("--config", help="JSON, TOML or YAML config file")
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
@@ -107,9 +120,46 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     if args.out:
         path = write_table(result.table, args.out)
         console.print(f"wrote {len(result.table)} rows to {path}")
+    if args.plot and (result.table["role"] == "mlp.down").any():
+        from .mlp import mlp_down_spectra
+        from .plots import explained_variance_curves
+
+        spectra = mlp_down_spectra(result.source, config)
+        curves = [(f"layer {r.layer} (κ={r.condition_number:.3g})", r.explained_variance) for r in spectra.itertuples()]
+        console.print(f"wrote {explained_variance_curves(curves, args.plot)}")
     if result.unreadable:
         err.print(f"[red]{len(result.unreadable)} tensor(s) could not be read[/red]: {', '.join(result.unreadable[:5])}")
     return result.exit_code
+
+
+def _parse_heads(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (item.strip().split(".") for item in text.split(",") if item.strip())]
+    except ValueError:
+        raise LayerscopeError(f"--select: expected LAYER.HEAD items such as 0.3,5.11, got {text!r}") from None
+
+
+def cmd_heads(args: argparse.Namespace, console: Console) -> int:
+    from .heads import heads
+    from .views import print_heads
+
+    config = _config(args)
+    selected = _parse_heads(args.select) if args.select else None
+    result = heads(args.path, config, low_pct=args.low_pct, high_pct=args.high_pct, revision=args.revision)
+    print_heads(result, console)
+    if args.out:
+        result.save(args.out)
+        console.print(f"wrote {len(result.table)} heads to {args.out}")
+    if args.plot:
+        from .plots import head_eigenvalues, head_heatmaps
+
+        paths = head_heatmaps(result.table, args.plot, title=result.source.display_name)
+        if selected is None:
+            ranked = result.table.sort_values("ov_copying_score")
+            selected = [(int(r.layer), int(r.head)) for r in pd.concat([ranked.head(3), ranked.tail(3)]).itertuples()]
+        paths.append(head_eigenvalues(result.table, selected, args.plot))
+        console.print(f"wrote {len(paths)} figures to {args.plot}")
+    return 0
 
 
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
@@ -127,7 +177,7 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "metrics": cmd_metrics}
+COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "metrics": cmd_metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,10 +255,15 @@ def _part_shape(anatomy: Anatomy, name: str, part: Part) -> tuple[int, ...]:
 
 @contextmanager
 def _torch_threads(workers: int) -> Iterator[None]:
+    """Divide the cores among the workers, for torch (MKL/OpenMP) and NumPy's BLAS alike."""
+    from threadpoolctl import threadpool_limits
+
+    per_worker = max(1, (os.cpu_count() or 1) // workers)
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(per_worker)
     try:
-        yield
+        with threadpool_limits(limits=per_worker, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 

@@ -9,6 +9,7 @@ Spectra are stored too, so adding a spectral metric later costs no new decomposi
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import threading
@@ -26,6 +27,9 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS spectra (
     content_hash TEXT NOT NULL, method TEXT NOT NULL, singular_values BLOB NOT NULL,
     PRIMARY KEY (content_hash, method)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS artifacts (
+    key TEXT NOT NULL, kind TEXT NOT NULL, params TEXT NOT NULL, payload TEXT NOT NULL,
+    PRIMARY KEY (key, kind, params)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT PRIMARY KEY, content_hash TEXT NOT NULL) WITHOUT ROWID;
 """
@@ -103,6 +107,19 @@ class Store:
                                    (content_hash, method)).fetchone()
         return np.frombuffer(row[0], dtype=np.float64).copy() if row else None
 
+    # -- structured results (head tables, embedding geometry, clusters) -----------------------
+    def artifact(self, key: str, kind: str, params: str) -> Any | None:
+        with self._lock:
+            row = self._db.execute("SELECT payload FROM artifacts WHERE key=? AND kind=? AND params=?",
+                                   (key, kind, params)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_artifact(self, key: str, kind: str, params: str, payload: Any) -> None:
+        text = json.dumps(payload, allow_nan=True)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (key, kind, params, text))
+
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("results", "spectra", "fingerprints")}
+            return {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                    for t in ("results", "spectra", "artifacts", "fingerprints")}

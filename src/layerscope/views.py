@@ -127,3 +127,25 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
         f"{len(t)} rows from {len(result.anatomy.entries)} tensors in {result.seconds:.1f}s "
         f"({result.computed} computed, {result.cached} from the store {result.config.resolved_store()})"
     )
+
+
+def print_heads(result, console: Console | None = None) -> None:
+    """Per-layer means of the key head metrics, then the low- and high-rank heads."""
+    console = console or Console()
+    t = result.table
+    cols = {"qk_entropy_rank": "QK eff.rank", "ov_entropy_rank": "OV eff.rank", "qk_asymmetry": "QK asym",
+            "ov_eig_positive_fraction": "OV λ>0", "ov_copying_score": "OV copy", "qk_spectral_norm": "QK ‖·‖₂",
+            "ov_spectral_norm": "OV ‖·‖₂"}
+    d = result.anatomy.dims
+    table = Table(title=f"heads: {d.n_heads} query heads, {d.n_kv_heads} kv heads, head_dim {d.head_dim} "
+                        f"(per-layer means)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for c in cols.values():
+        table.add_column(c, justify="right")
+    for layer, grp in t.groupby("layer"):
+        table.add_row(str(layer), *[_fmt(float(grp[c].mean())) for c in cols])
+    console.print(table)
+    lo, hi = result.thresholds
+    fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
+    console.print(f"low-rank heads (qk_entropy_rank ≤ {lo:.3g}, layer.head): {fmt(result.low_rank)}")
+    console.print(f"high-rank heads (qk_entropy_rank ≥ {hi:.3g}, layer.head): {fmt(result.high_rank)}")

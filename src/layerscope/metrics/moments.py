@@ -1,8 +1,9 @@
 """Elementwise statistics of any tensor, from one chunked float64 pass.
 
 Chunking keeps the float64 working copy small (memory stays bounded by the tensor itself), and
-merging per-chunk moments (Chan et al.) keeps the variance exact even when |mean| >> std, as in
-LayerNorm weights. NaN and Inf are counted, and the other statistics are taken over the finite
+merging per-chunk moments (Chan et al.) keeps the variance accurate; a chunk whose |mean| dwarfs
+its spread (LayerNorm gains, constant tensors) is redone in two passes so the variance stays
+exact there too. NaN and Inf are counted, and the other statistics are taken over the finite
 values so one bad entry does not hide what the rest of the tensor looks like.
 """
 
@@ -38,25 +39,31 @@ def moments(tensor: torch.Tensor) -> Moments:
     n_total = flat.numel()
     count, mean, m2 = 0, 0.0, 0.0
     lo, hi, abs_sum, sq_sum, zeros, nans, infs = math.inf, -math.inf, 0.0, 0.0, 0, 0, 0
+    buf = torch.empty(min(CHUNK, n_total), dtype=torch.float64)  # reused: no page faults per chunk
     for start in range(0, n_total, CHUNK):
-        x = flat[start:start + CHUNK].to(torch.float64)
-        finite = torch.isfinite(x)
-        n_fin = int(finite.sum())
-        if n_fin != x.numel():
+        chunk = flat[start:start + CHUNK]
+        x = buf[:chunk.numel()]
+        x.copy_(chunk)
+        zeros += chunk.numel() - int(torch.count_nonzero(chunk))
+        c_sum = float(x.sum())
+        c_sq = float(torch.dot(x, x))
+        if not (math.isfinite(c_sum) and math.isfinite(c_sq)):  # only then look for NaN/Inf entries
+            finite = torch.isfinite(x)
             n_nan = int(torch.isnan(x).sum())
+            n_fin = int(finite.sum())
             nans += n_nan
             infs += x.numel() - n_fin - n_nan
             x = x[finite]
+            c_sum, c_sq = float(x.sum()), float(torch.dot(x, x))
         n = x.numel()
         if n == 0:
             continue
-        zeros += int((x == 0).sum())
-        c_sum = float(x.sum())
-        c_sq = float(torch.dot(x, x))
         c_mean = c_sum / n
-        d = x - c_mean  # two-pass within the chunk: exact even for constant tensors
-        c_m2 = float(torch.dot(d, d))
-        del d
+        c_m2 = c_sq - n * c_mean * c_mean
+        if c_m2 < 1e-6 * c_sq:  # |mean| >> std (e.g. LayerNorm gains): redo exactly in two passes
+            d = x - c_mean
+            c_m2 = float(torch.dot(d, d))
+            del d
         delta = c_mean - mean
         total = count + n
         mean += delta * n / total
@@ -64,7 +71,7 @@ def moments(tensor: torch.Tensor) -> Moments:
         count = total
         c_lo, c_hi = torch.aminmax(x)
         lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
-        abs_sum += float(x.abs().sum())
+        abs_sum += float(torch.linalg.vector_norm(x, 1))
         sq_sum += c_sq
     if count == 0:
         lo = hi = mean = math.nan

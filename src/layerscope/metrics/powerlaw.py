@@ -47,8 +47,8 @@ def fit_powerlaw(evals: np.ndarray, thresh: float = 1e-5, min_evals: int = 8) ->
     with np.errstate(divide="ignore", invalid="ignore"):
         alphas = 1.0 + n / (tail_log_sums[:-1] - n * log_data[:-1])
     ds = np.ones(n_total - 1)
-    rows = max(1, BLOCK_ELEMENTS // n_total)
-    j = np.arange(n_total)
+    # blocks of candidate rows; smaller blocks skip more of the masked lower triangle
+    rows = max(1, min(n_total // 8 + 1, BLOCK_ELEMENTS // n_total))
     for start in range(0, n_total - 1, rows):
         i = idx[start:start + rows]
         a = alphas[i]
@@ -56,10 +56,12 @@ def fit_powerlaw(evals: np.ndarray, thresh: float = 1e-5, min_evals: int = 8) ->
         if not ok.any():
             continue
         i, a = i[ok], a[ok]
-        # theoretical CDF of the tail minus the empirical CDF, masked to j >= i
+        # only the tail j >= start matters for this block of candidates: the work is triangular
+        tail_log = log_data[start:]
+        j = np.arange(start, n_total)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            ratio = data[None, :] / data[i, None]
-            fit_cdf = 1.0 - ratio ** (1.0 - a[:, None])
+            # theoretical CDF 1 - (x_j/x_i)^(1-alpha) minus the empirical (j-i)/n, for j >= i
+            fit_cdf = 1.0 - np.exp((1.0 - a[:, None]) * (tail_log[None, :] - log_data[i, None]))
             emp_cdf = (j[None, :] - i[:, None]) / (n_total - i)[:, None]
             diff = np.abs(fit_cdf - emp_cdf)
         diff[j[None, :] < i[:, None]] = 0.0

@@ -37,7 +37,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def content_hash(tensor: torch.Tensor) -> str:
     """A digest of dtype, shape and bytes: equal tensors share cached results wherever they live."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # SHA extensions make it ~2x faster than blake2b on current x86
     h.update(f"{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
     flat = tensor.detach().reshape(-1)
     if flat.numel():
@@ -46,7 +46,7 @@ def content_hash(tensor: torch.Tensor) -> str:
         flat = flat.contiguous()
         # bytes view without a copy; bool/fp8 and friends go through uint8 the same way
         h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,14 @@ class Source:
     def read(self, name: str) -> tuple[torch.Tensor, str]:
         tensor = self.load(name)
         return tensor, content_hash(tensor)
+
+    @property
+    def display_name(self) -> str:
+        """A short name for titles: the model's own name if its config has one, else the file or folder."""
+        if self.config and isinstance(self.config.get("_name_or_path"), str) and self.config["_name_or_path"]:
+            return self.config["_name_or_path"].rstrip("/").rsplit("/", 1)[-1]
+        path = Path(self.label)
+        return path.parent.name if path.name in ("model", "") else path.name
 
     @property
     def tokenizer_file(self) -> Path | None:
