@@ -21,8 +21,10 @@ Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute)
 default 2); ``--breakdown`` (an extra instrumented layerscope run, not used in the ratios, that
 reports where its thread time goes); ``--f32`` (also time layerscope with dtype="float32");
 ``--floor-1thread`` (also time the floor single-threaded); ``--skip-ww``; ``--root DIR``.
-Each measurement also prints how many cores OTHER processes kept busy meanwhile (/proc/stat), to
-tell a slow run from a disturbed one.
+Each measurement also prints how many cores OTHER processes kept busy meanwhile (/proc/stat, steal
+included) and a "slowdown": a fixed single-threaded matmul probe taken just before and after it,
+relative to the fastest probe of the run (1.00 = undisturbed), to tell a slow run from a disturbed
+one (host-level contention from other VMs does not show in /proc/stat but does in the probe).
 """
 
 from __future__ import annotations
@@ -78,23 +80,61 @@ def _system_busy() -> float:
     return (sum(vals[:8]) - idle) / _HZ
 
 
-class Measure:
-    """wall seconds, this process's CPU seconds, and the cores other processes kept busy meanwhile."""
+_PROBE_A = None
 
-    def __init__(self, wall: float, cpu: float, others: float):
-        self.wall, self.cpu, self.others = wall, cpu, others
+
+def probe() -> float:
+    """Seconds for a fixed single-threaded float64 matmul (best of 3): a CPU-speed probe.
+
+    Contention that /proc/stat cannot see (another VM on the host's sibling hyperthread, memory
+    bandwidth) shows up here as a slower probe.
+    """
+    global _PROBE_A
+    if _PROBE_A is None:
+        _PROBE_A = torch.randn(768, 768, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best_t = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                _PROBE_A @ _PROBE_A
+            best_t = min(best_t, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return best_t
+
+
+_PROBES: list[float] = []
+
+
+class Measure:
+    """wall seconds, this process's CPU seconds, the cores other processes kept busy meanwhile, and
+    the CPU-speed probe (seconds) taken just before and just after."""
+
+    def __init__(self, wall: float, cpu: float, others: float, probes: tuple[float, float]):
+        self.wall, self.cpu, self.others, self.probes = wall, cpu, others, probes
+
+    @property
+    def slowdown(self) -> float:
+        """mean probe time around this measurement / fastest probe of the whole run (1.00 = undisturbed)."""
+        return (sum(self.probes) / 2) / min(_PROBES)
 
 
 @contextmanager
 def timed(into: dict, key: str):
     gc.collect()
+    p0 = probe()
     w0, c0, b0 = time.perf_counter(), _cpu(), _system_busy()
     yield
     wall, cpu = time.perf_counter() - w0, _cpu() - c0
     others = max(0.0, (_system_busy() - b0 - cpu) / wall) if wall > 0 else math.nan
-    into.setdefault(key, []).append(Measure(wall, cpu, others))
-    print(f"  .. {key}: {wall:.2f}s wall, {cpu:.2f}s cpu, other processes busy {others:.2f} cores",
-          file=sys.stderr, flush=True)
+    p1 = probe()
+    _PROBES.extend((p0, p1))
+    into.setdefault(key, []).append(Measure(wall, cpu, others, (p0, p1)))
+    print(f"  .. {key}: {wall:.2f}s wall, {cpu:.2f}s cpu, other processes busy {others:.2f} cores, "
+          f"probe {p0 * 1e3:.0f}/{p1 * 1e3:.0f} ms", file=sys.stderr, flush=True)
 
 
 def best(ms: list) -> Measure:
@@ -207,7 +247,7 @@ def breakdown_run(path: Path, store: Path) -> tuple[float, _Acc]:
 
     src = layerscope.open_source(str(path))
     wrap(src, "load", "read file (readinto)")
-    wrap(lbase, "content_hash", "content hash (blake2b)")
+    wrap(lbase, "content_hash", "content hash")
     wrap(lpipe, "moments", "moments (float64 chunks)")
     wrap(lspec, "_gram", "gram matrix")
     wrap(lspec, "_singular_values_on", "spectrum total (gram+eig/svd)", post=count_method)
@@ -234,9 +274,9 @@ def print_breakdown(wall: float, acc: _Acc, workers: int) -> None:
     moments = s.get("moments (float64 chunks)", 0.0)
     rows = [
         ("read file (readinto)", s.get("read file (readinto)", 0.0)),
-        ("content hash (blake2b)", s.get("content hash (blake2b)", 0.0)),
+        ("content hash", s.get("content hash", 0.0)),
         ("moments (float64 chunks)", moments),
-        ("gram matrix (float64, blocked)", gram),
+        ("gram matrix (float64 by default)", gram),
         ("eigvalsh / svd fallback", spectrum - gram),
         ("metrics (power-law fit etc.)", compute - moments - spectrum),
         ("  of which power-law fit", s.get("power-law fit", 0.0)),
@@ -258,7 +298,7 @@ def print_breakdown(wall: float, acc: _Acc, workers: int) -> None:
 
 
 # -- WeightWatcher --------------------------------------------------------------------------------
-def ww_reasons(shape: tuple[int, int], is_embedding: bool) -> str:
+def ww_reasons(shape: tuple[int, int]) -> str:
     """Why WW 0.7's layer_supported() would reject a matrix with its default limits."""
     from weightwatcher.constants import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
 
@@ -365,11 +405,13 @@ def main(argv=None) -> int:
     WW, F32, F1 = "WW analyze", "layerscope dtype=float32 [extra]", "floor, 1 torch thread [extra]"
     print(f"\n=== bench_analyze: {'SMALL ' if args.small else ''}{n_layers}-layer Llama, {len(matrices)} matrices, "
           f"{n_params / 1e6:.0f}M params (float32 on disk); loadavg at end {loadavg()} ===")
-    print(f"  {'measurement':46s} {'wall s':>8s} {'cpu s':>8s} {'others':>7s}   (others = cores busy in OTHER processes)")
+    print(f"  {'measurement':46s} {'wall s':>8s} {'cpu s':>8s} {'others':>7s} {'slowdown':>9s}")
     for key, ms in times.items():
         for i, m in enumerate(ms):
             tag = f" #{i + 1}" if len(ms) > 1 else ""
-            print(f"  {key + tag:46s} {m.wall:8.2f} {m.cpu:8.2f} {m.others:7.2f}")
+            print(f"  {key + tag:46s} {m.wall:8.2f} {m.cpu:8.2f} {m.others:7.2f} {m.slowdown:9.2f}")
+    print("  (others = cores kept busy by OTHER processes/VMs meanwhile, from /proc/stat; slowdown = a fixed\n"
+          "   1-thread matmul probe around the measurement vs the fastest probe of the run; 1.00 = undisturbed)")
     fp = min(floor_parts, key=lambda d: sum(d.values()))
     print(f"  floor parts of its fastest repetition (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()))
     comp, cach, secs, nrows, nfall = info["a"]
@@ -409,7 +451,7 @@ def main(argv=None) -> int:
         print(f"\n  WeightWatcher 0.7 (defaults) analysed {len(details)} layers = {len(both)} of layerscope's "
               f"{len(ls_names)} matrices; skipped {len(skipped)}" + (":" if skipped else ""))
         for n in skipped:
-            print(f"    skipped {n} {ls_names[n]}: {ww_reasons(ls_names[n], 'embed' in n)}")
+            print(f"    skipped {n} {ls_names[n]}: {ww_reasons(ls_names[n])}")
         extra = [k for k in ww_names if k not in ls_names]
         if extra:
             print(f"    WW layers with no layerscope matrix: {extra}")
@@ -417,7 +459,7 @@ def main(argv=None) -> int:
             if "embed" in n or "lm_head" in n:
                 row = details.loc[ww_names[n]]
                 print(f"    {n}: analysed by WW as layer_type {row.get('layer_type', '?')} (N={row['N']}, M={row['M']}; "
-                      f"max_N limit 50000 not hit)")
+                      f"WW's default max_N is 50000)")
         t = table.set_index("name")
         pairs = [(n, float(t.loc[n, "alpha"]), float(details.loc[ww_names[n], "alpha"])) for n in both]
         diffs = np.array([abs(a - b) for _, a, b in pairs])

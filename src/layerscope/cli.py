@@ -61,6 +61,38 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
     hd.add_argument("--config", help="JSON, TOML or YAML config file")
 
+    em = sub.add_parser("embeddings", help="exact all-pairs cosine geometry of the token embedding (and untied lm_head)")
+    _add_common(em)
+    em.add_argument("--out", help="write the results as JSON")
+    em.add_argument("--plot", help="folder for the cosine histogram")
+    em.add_argument("--threshold", type=float, default=0.7, help="cosine above which two tokens are neighbours (default 0.7)")
+    em.add_argument("--tokens", help="comma-separated tokens whose nearest neighbours to list, e.g. 'the,king,def'")
+    em.add_argument("--sample", type=int, help="estimate from this many random pairs instead of all pairs")
+    em.add_argument("--max-memory", default="1GB", help="memory for the block of cosines in flight (e.g. 512MB, 2GB)")
+    em.add_argument("--bins", type=int, default=100, help="histogram bins over --range (default 100)")
+    em.add_argument("--range", default="-0.5,1.0", help="histogram range LOW,HIGH (default -0.5,1.0)")
+    em.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                    help="GEMM precision (float64: every count exact against a float64 reference; ~2x slower)")
+    em.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    em.add_argument("--store", help="SQLite result store")
+    em.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
+    em.add_argument("--config", help="JSON, TOML or YAML config file")
+
+    cl = sub.add_parser("clusters", help="k-means clusters of the token embedding, decoded to text")
+    _add_common(cl)
+    cl.add_argument("--k-range", default="2..64", help="range of k, searched on a log grid (default 2..64)")
+    cl.add_argument("--k-values", help="explicit comma-separated k values instead of --k-range")
+    cl.add_argument("--select-by", default="calinski_harabasz", choices=["calinski_harabasz", "silhouette", "elbow"],
+                    help="how k is chosen (default calinski_harabasz)")
+    cl.add_argument("--matrix", default="embed.token", choices=["embed.token", "embed.position", "lm_head"],
+                    help="which matrix to cluster (position embeddings are always clustered on their own)")
+    cl.add_argument("--out", help="write the clusters as JSON")
+    cl.add_argument("--plot", help="folder for the k-selection curve")
+    cl.add_argument("--seed", type=int, help="random seed (default 0)")
+    cl.add_argument("--store", help="SQLite result store")
+    cl.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
+    cl.add_argument("--config", help="JSON, TOML or YAML config file")
+
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
     return parser
@@ -69,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     config = Config.from_file(args.config) if getattr(args, "config", None) else Config()
     overrides: dict[str, Any] = {}
-    for flag, key in (("metrics", "metrics"), ("device", "device"), ("workers", "workers"), ("dtype", "dtype"), ("store", "store")):
+    for flag, key in (("metrics", "metrics"), ("device", "device"), ("workers", "workers"), ("dtype", "dtype"),
+                      ("store", "store"), ("seed", "seed")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -102,19 +135,9 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
     select_metrics(config)  # reject unknown metric names before any work
     err = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]analyzing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[current]}"),
-                        console=err, disable=args.quiet, transient=False)
-    task = None
-
-    def on_progress(done: int, total: int, name: str) -> None:
-        nonlocal task
-        if task is None:
-            task = progress.add_task("analyze", total=total, current="")
-        progress.update(task, completed=done, current=name[-48:])
-
-    with progress:
-        result = analyze(args.path, config, revision=args.revision, progress=on_progress)
+    with _LazyProgress("analyzing", quiet=args.quiet) as progress:
+        result = analyze(args.path, config, revision=args.revision,
+                         progress=lambda done, total, name: progress.update("tensors", done, total, name))
     if not args.quiet:
         print_summary(result, console)
     if args.out:
@@ -162,6 +185,105 @@ def cmd_heads(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def parse_bytes(text: str) -> int:
+    units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1, "": 1}
+    t = text.strip().lower()
+    number = t.rstrip("kmgb")
+    try:
+        value = int(float(number) * units[t[len(number):]])
+    except (ValueError, KeyError):
+        raise LayerscopeError(f"--max-memory: expected a size such as 512MB or 2GB, got {text!r}") from None
+    if value < 1 << 20:
+        raise LayerscopeError(f"--max-memory: at least 1MB, got {text!r}")
+    return value
+
+
+class _LazyProgress:
+    """A progress display that appears with the first update, so an early error prints alone."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label, self.quiet = label, quiet
+        self.progress: Progress | None = None
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, name: str, done: int, total: int, current: str | None = None) -> None:
+        if self.progress is None:
+            self.progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[current]}"), console=Console(stderr=True),
+                                     disable=self.quiet)
+            self.progress.start()
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total, current=name[-48:])
+        self.progress.update(self.tasks[name], completed=done, **({"current": current[-48:]} if current else {}))
+
+    def __enter__(self) -> "_LazyProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
+    from .embeddings import GeometryOptions, embeddings
+    from .views import print_embeddings
+
+    config = _config(args)
+    try:
+        lo, hi = (float(v) for v in args.range.split(","))
+    except ValueError:
+        raise LayerscopeError(f"--range: expected LOW,HIGH such as -0.5,1.0, got {args.range!r}") from None
+    if not lo < hi or args.bins < 1:
+        raise LayerscopeError("--range must have LOW < HIGH and --bins must be >= 1")
+    if args.sample is not None and args.sample < 2:
+        raise LayerscopeError("--sample must be at least 2")
+    options = GeometryOptions(threshold=args.threshold, bins=args.bins, lo=lo, hi=hi, precision=args.precision,
+                              max_memory=parse_bytes(args.max_memory), sample=args.sample, seed=config.seed)
+    tokens = [t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None
+    with _LazyProgress("cosine blocks") as progress:
+        result = embeddings(args.path, config, options=options, tokens=tokens, revision=args.revision,
+                            progress=progress.update)
+    print_embeddings(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        from .plots import cosine_histogram
+
+        for role, geometry in result.matrices.items():
+            if "histogram" in geometry:
+                console.print(f"wrote {cosine_histogram(geometry, args.plot, role)}")
+    return 0
+
+
+def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
+    from .clusters import clusters, parse_k_range
+    from .views import print_clusters
+
+    config = _config(args)
+    k_values = None
+    if args.k_values:
+        try:
+            k_values = [int(k) for k in args.k_values.split(",") if k.strip()]
+        except ValueError:
+            raise LayerscopeError(f"--k-values: expected integers, got {args.k_values!r}") from None
+        if any(k < 2 for k in k_values):
+            raise LayerscopeError("--k-values: every k must be >= 2")
+    with _LazyProgress("k-means") as progress:
+        result = clusters(args.path, config, k_range=parse_k_range(args.k_range), k_values=k_values,
+                          roles=(args.matrix,), selection=args.select_by, revision=args.revision,
+                          progress=progress.update)
+    print_clusters(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        from .plots import selection_curve
+
+        for role, res in result.matrices.items():
+            console.print(f"wrote {selection_curve(pd.DataFrame(res['scores']), res['chosen_k'], args.plot, role)}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -177,7 +299,8 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "metrics": cmd_metrics}
+COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
+            "clusters": cmd_clusters, "metrics": cmd_metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,3 +149,51 @@ def print_heads(result, console: Console | None = None) -> None:
     fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
     console.print(f"low-rank heads (qk_entropy_rank ≤ {lo:.3g}, layer.head): {fmt(result.low_rank)}")
     console.print(f"high-rank heads (qk_entropy_rank ≥ {hi:.3g}, layer.head): {fmt(result.high_rank)}")
+
+
+def print_embeddings(result, console: Console | None = None) -> None:
+    console = console or Console()
+    for role, g in result.matrices.items():
+        table = Table(title=f"{role}: {g['name']}", show_header=False, title_justify="left")
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        table.add_row("vocabulary × dim", f"{g['vocab_size']:,} × {g['dim']}" + (f" ({g['zero_rows']} zero rows skipped)" if g["zero_rows"] else ""))
+        table.add_row("pairs", f"{g['pairs']:,}" + (f" (estimated from {g['sampled_pairs']:,} random pairs)" if g["method"] == "sample" else " (all, exact)"))
+        ci = f"  95% CI [{g['mean_ci95'][0]:.4f}, {g['mean_ci95'][1]:.4f}]" if "mean_ci95" in g else ""
+        table.add_row("cosine mean ± std", f"{g['mean']:.4f} ± {g['std']:.4f}{ci}")
+        pct = g.get("percentiles", {})
+        err = f"  (± {g['percentile_error']:.3f}: bin width)" if "percentile_error" in g else ""
+        table.add_row("percentiles", ", ".join(f"{k} {_fmt(v) if v is not None else 'out of range'}" for k, v in pct.items()) + err)
+        thr = g["threshold"]
+        if "neighbors_per_token" in thr:
+            nb = thr["neighbors_per_token"]
+            table.add_row(f"neighbours (cos > {thr['value']})",
+                          f"{thr['pairs_above']:,} pairs; per token mean {nb['mean']:.3g}, max {nb['max']}; "
+                          f"{nb['tokens_with_neighbors']:,} tokens have one")
+            hubs = ", ".join(f"{h.get('text', h['id'])!r} ({h['neighbors']})" for h in thr["top_hubs"][:10])
+            table.add_row("top hub tokens", hubs or "none")
+        else:
+            table.add_row(f"share of pairs with cos > {thr['value']}", f"{thr['fraction_above']:.3g} ± {thr['fraction_above_ci95_halfwidth']:.2g}")
+        table.add_row("isotropy ‖mean row‖ / mean ‖row‖", f"{g['isotropy']['mean_vector_norm_over_mean_norm']:.4f}")
+        n = g["norms"]
+        table.add_row("row norms", f"mean {n['mean']:.4g} ± {n['std']:.3g}, min {n['min']:.4g}, median {n['p50']:.4g}, max {n['max']:.4g}")
+        for word, near in g.get("nearest", {}).items():
+            table.add_row(f"nearest to {word!r}", ", ".join(f"{x['text']!r} {x['cosine']:.3f}" for x in near))
+        console.print(table)
+
+
+def print_clusters(result, console: Console | None = None) -> None:
+    console = console or Console()
+    for role, r in result.matrices.items():
+        scores = {s["k"]: s for s in r["scores"]}
+        chosen = scores[r["chosen_k"]]
+        console.print(f"[bold]{role}[/bold] {r['name']}: k = {r['chosen_k']} by {r['selection']} "
+                      f"(CH {chosen['calinski_harabasz']:.4g}, silhouette {chosen['silhouette']:.3f}; "
+                      f"elbow at k = {r['elbow_k']}; tried {', '.join(map(str, r['k_candidates']))})")
+        table = Table(title_justify="left")
+        table.add_column("cluster", justify="right")
+        table.add_column("size", justify="right")
+        table.add_column("tokens nearest the centre")
+        for c in r["clusters"][:30]:
+            table.add_row(str(c["cluster"]), f"{c['size']:,}", ", ".join(repr(t) for t in c["text"]))
+        console.print(table)

@@ -1,0 +1,158 @@
+"""Token clusters: k-means on normalised embedding rows over a range of k, decoded to text.
+
+k is chosen by the Calinski–Harabasz index (computed on all rows); the silhouette (on a seeded
+sample) and the inertia elbow are reported beside it so a reader can judge the choice. Large
+vocabularies use MiniBatchKMeans. Everything is seeded, so a run is reproducible. Each matrix is
+clustered on its own: position embeddings are never mixed into token clusters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .anatomy import Anatomy, build_anatomy
+from .config import Config
+from .embeddings import Vocabulary
+from .errors import LayerscopeError
+from .sources import Source, open_source
+from .store import Store
+
+MINIBATCH_ABOVE = 20_000  # rows; above this, MiniBatchKMeans
+CLUSTERS_VERSION = "1"
+
+
+def k_grid(k_range: tuple[int, int], points: int = 12) -> list[int]:
+    lo, hi = k_range
+    if lo < 2 or hi < lo:
+        raise LayerscopeError(f"--k-range: need 2 <= low <= high, got {lo}..{hi}")
+    return sorted({int(round(k)) for k in np.geomspace(lo, hi, num=min(points, hi - lo + 1))})
+
+
+def parse_k_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(p) for p in text.replace("-", "..").split(".."))
+    except ValueError:
+        raise LayerscopeError(f"--k-range: expected LOW..HIGH such as 2..64, got {text!r}") from None
+    return lo, hi
+
+
+def elbow(ks: Sequence[int], inertia: Sequence[float]) -> int:
+    """The k farthest below the straight line from the first to the last (log k, inertia) point."""
+    x = np.log(np.asarray(ks, dtype=float))
+    y = np.asarray(inertia, dtype=float)
+    if len(x) < 3:
+        return int(ks[0])
+    xn = (x - x[0]) / (x[-1] - x[0])
+    yn = (y - y[-1]) / max(y[0] - y[-1], 1e-300)
+    return int(ks[int(np.argmax((1 - xn) - yn))])
+
+
+def _kmeans(k: int, n_rows: int, seed: int):
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    if n_rows > MINIBATCH_ABOVE:
+        return MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3, max_no_improvement=20)
+    return KMeans(n_clusters=k, random_state=seed, n_init=4)
+
+
+SELECTIONS = ("calinski_harabasz", "silhouette", "elbow")
+
+
+def cluster_rows(x: torch.Tensor, ks: Sequence[int], seed: int = 0, silhouette_sample: int = 5000,
+                 representatives: int = 8, selection: str = "calinski_harabasz",
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """k-means over ``ks`` on the normalised rows of ``x``; the chosen clustering with its members."""
+    from sklearn.metrics import calinski_harabasz_score, silhouette_score
+
+    x64 = x.to(torch.float64)
+    norms = torch.linalg.vector_norm(x64, dim=1)
+    valid = torch.nonzero(norms > 0).squeeze(1).numpy()
+    xn = (x64[valid] / norms[valid, None]).to(torch.float32).numpy()
+    n = len(xn)
+    ks = [k for k in ks if k < n]
+    if not ks:
+        raise LayerscopeError(f"clusters: {n} rows are too few for the requested k")
+    scores, models = [], {}
+    for i, k in enumerate(ks):
+        model = _kmeans(k, n, seed).fit(xn)
+        labels = model.labels_
+        sil = silhouette_score(xn, labels, metric="cosine", sample_size=min(silhouette_sample, n), random_state=seed)
+        scores.append({"k": k, "calinski_harabasz": float(calinski_harabasz_score(xn, labels)),
+                       "silhouette": float(sil), "inertia": float(model.inertia_)})
+        models[k] = model
+        if progress:
+            progress(i + 1, len(ks))
+    table = pd.DataFrame(scores)
+    elbow_k = elbow(table["k"].tolist(), table["inertia"].tolist())
+    chosen = elbow_k if selection == "elbow" else int(table.loc[table[selection].idxmax(), "k"])
+    model = models[chosen]
+    labels = model.labels_
+    centres = model.cluster_centers_ / np.linalg.norm(model.cluster_centers_, axis=1, keepdims=True).clip(1e-300)
+    clusters = []
+    for c in range(chosen):
+        members = np.nonzero(labels == c)[0]
+        if members.size == 0:
+            continue
+        closeness = xn[members] @ centres[c]
+        best = members[np.argsort(-closeness, kind="stable")[:representatives]]
+        clusters.append({"cluster": c, "size": int(members.size), "representatives": [int(valid[i]) for i in best]})
+    clusters.sort(key=lambda item: -item["size"])
+    return {"rows": int(x.shape[0]), "zero_rows": int(x.shape[0] - n), "k_candidates": ks, "scores": scores,
+            "chosen_k": chosen, "elbow_k": elbow_k, "selection": selection, "clusters": clusters}
+
+
+@dataclass
+class ClustersResult:
+    matrices: dict[str, dict[str, Any]]
+    source: Source
+    anatomy: Anatomy
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"source": self.source.label, "matrices": self.matrices}, indent=1))
+        return path
+
+
+def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, int] = (2, 64),
+             k_values: Sequence[int] | None = None, roles: Sequence[str] = ("embed.token",),
+             representatives: int = 8, selection: str = "calinski_harabasz", revision: str | None = None,
+             progress: Callable[[str, int, int], None] | None = None, **overrides: Any) -> ClustersResult:
+    """Token clusters of each requested embedding matrix (``embed.token`` by default)."""
+    config = (config or Config()).replace(**overrides)
+    src = open_source(source, revision)
+    anatomy = build_anatomy(src.infos, src.config)
+    if selection not in SELECTIONS:
+        raise LayerscopeError(f"--select-by must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    ks = sorted(set(k_values)) if k_values else k_grid(k_range)
+    vocab = Vocabulary(src.tokenizer_file)
+    params = json.dumps({"ks": ks, "seed": config.seed, "representatives": representatives, "selection": selection,
+                         "version": CLUSTERS_VERSION})
+    out: dict[str, dict[str, Any]] = {}
+    with Store(config.resolved_store()) as store:
+        for role in roles:
+            entries = [e for e in anatomy.by_role(role) if len(e.shape) == 2]
+            if not entries:
+                raise LayerscopeError(f"{src.label}: no {role} matrix to cluster")
+            entry = entries[0]
+            x, digest = src.read(entry.name)
+            if not x.dtype.is_floating_point or not bool(torch.isfinite(x).all()):
+                raise LayerscopeError(f"{src.label}: {entry.name} is not a finite floating-point matrix")
+            result = store.artifact(digest, "clusters", params) if config.cache else None
+            if result is None:
+                cb = (lambda done, total, _r=role: progress(_r, done, total)) if progress else None
+                result = cluster_rows(x, ks, config.seed, representatives=representatives, selection=selection,
+                                      progress=cb)
+                store.put_artifact(digest, "clusters", params, result)
+            decode = vocab.text if role != "embed.position" else (lambda i: f"position {i}")
+            for cluster in result["clusters"]:
+                cluster["text"] = [decode(i) for i in cluster["representatives"]]
+            out[role] = {"name": entry.name, **result}
+    return ClustersResult(out, src, anatomy)
