@@ -120,6 +120,8 @@ class _Runner:
                         nxt = next(queue, None)
                         if nxt is not None:
                             pending[pool.submit(self.analyse_tensor, nxt)] = nxt
+                        elif len(pending) == 1 and workers > 1:
+                            _use_all_cores()  # the last tensor in flight gets the idle workers' cores
             finally:
                 # on Ctrl-C do not wait for decompositions in flight; finished tensors are already stored
                 pool.shutdown(wait=not pending, cancel_futures=True)
@@ -266,6 +268,15 @@ def _torch_threads(workers: int) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
+
+
+def _use_all_cores() -> None:
+    """Raise the thread counts to every core; ``_torch_threads`` restores them when the run ends."""
+    from threadpoolctl import threadpool_limits
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    threadpool_limits(limits=cores, user_api="blas")
 
 
 def _resolve_tied(anatomy: Anatomy, hashes: dict[str, str]) -> None:

@@ -4,7 +4,9 @@ Route: the eigenvalues of the smaller Gram matrix (``eigvalsh``), several times 
 ``svdvals`` on a CPU. The Gram matrix squares the condition number, so in the default float64
 mode it is accumulated in float64 (in row blocks, so the float64 copy never exceeds a block), and
 a matrix whose condition number exceeds ``GRAM_MAX_CONDITION`` — where even float64 Gram
-eigenvalues lose the small singular values — is re-solved with a float64 SVD of the matrix itself.
+eigenvalues lose the smallest singular value — gets σ_min recomputed from a QR of the matrix
+(up to κ = 1e6), or is re-solved with a float64 SVD of the matrix itself (beyond, and whenever it
+may be rank deficient, so the numerical rank stays exact).
 ``float32`` mode is the plain fast route, accurate for the large singular values only.
 """
 
@@ -22,6 +24,8 @@ log = logging.getLogger("layerscope")
 
 #: Above this κ the float64 Gram route's σ_min error (~ sqrt(m)·eps64·κ²) may exceed 1e-6 relative.
 GRAM_MAX_CONDITION = 1e4
+#: Up to this κ (as estimated by the Gram route) σ_min alone is refined; beyond it, a full float64 SVD.
+REFINE_MAX_CONDITION = 1e6
 BLOCK_BYTES = 64 << 20  # float64 bytes per row block of the Gram accumulation
 
 _fallback_warned = threading.Event()
@@ -124,11 +128,47 @@ def _singular_values_on(w: torch.Tensor, precision: str) -> tuple[np.ndarray, st
         sv = torch.sqrt(torch.clamp(lam.double(), min=0.0)).flip(0)
         return sv.cpu().numpy(), "gram32"
     lam = torch.linalg.eigvalsh(_gram(w, torch.float64))
-    lam_max = float(lam[-1])
-    if lam_max > 0 and float(lam[0]) > lam_max / GRAM_MAX_CONDITION**2:
-        return torch.sqrt(lam).flip(0).cpu().numpy(), "gram64"
-    # ill-conditioned or rank-deficient: the Gram route cannot resolve the small end
+    lam_max, lam_min = float(lam[-1]), float(lam[0])
+    sv = torch.sqrt(torch.clamp(lam, min=0.0)).flip(0)
+    if lam_max > 0 and lam_min > lam_max / GRAM_MAX_CONDITION**2:
+        return sv.cpu().numpy(), "gram64"
+    if lam_max > 0 and lam_min > lam_max / REFINE_MAX_CONDITION**2:
+        # κ in (1e4, 1e6]: only σ_min lost digits to the squaring (the others' absolute errors are
+        # ~1e-15·σ_max, invisible in every metric); recover it from the matrix itself
+        smallest = _smallest_singular_value(w)
+        if smallest is not None:
+            sv[-1] = smallest
+            return sv.cpu().numpy(), "gram64+refined"
+    # rank-deficient or extremely ill-conditioned: every small singular value matters (numerical rank)
     return torch.linalg.svdvals(w.to(torch.float64)).cpu().numpy(), "svd64"
+
+
+def _smallest_singular_value(w: torch.Tensor, block: int = 4, max_iter: int = 200) -> float | None:
+    """σ_min of a tall W without squaring κ: R of a blocked (TSQR) QR, then subspace inverse iteration.
+
+    The QR is backward stable, so σ_min(R) carries relative error ~eps64·κ; the float64 copy never
+    exceeds one row block. Ritz values approach σ_min from above; None if the iteration breaks down.
+    """
+    m, n = w.shape
+    rows = max(n, BLOCK_BYTES // (n * 8))
+    r = torch.zeros((0, n), dtype=torch.float64, device=w.device)
+    for start in range(0, m, rows):
+        r = torch.linalg.qr(torch.cat([r, w[start:start + rows].to(torch.float64)]), mode="r").R
+    k = min(block, n)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64).to(w.device)).Q
+    previous = float("inf")
+    for _ in range(max_iter):
+        y = torch.linalg.solve_triangular(r.T, x, upper=False)
+        z = torch.linalg.solve_triangular(r, y, upper=True)  # (RᵀR)⁻¹ x
+        if not bool(torch.isfinite(z).all()):
+            return None
+        x = torch.linalg.qr(z).Q
+        smallest = float(torch.linalg.svdvals(r @ x)[-1])
+        if abs(previous - smallest) <= 1e-14 * smallest:
+            return smallest
+        previous = smallest
+    return None
 
 
 def singular_values(matrix: torch.Tensor, precision: str = "float64", device: str = "cpu") -> tuple[np.ndarray, str]:
