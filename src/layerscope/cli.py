@@ -27,6 +27,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
 
 
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="SQLite result store (default: the user cache directory)")
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
+    p.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerscope", description="See inside a transformer's weights.")
     parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
@@ -57,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--select", help="heads to plot eigenvalues of, as LAYER.HEAD list (default: most and least copying)")
     hd.add_argument("--low-pct", type=float, default=25.0, help="low-rank heads: qk_entropy_rank at or below this percentile")
     hd.add_argument("--high-pct", type=float, default=75.0, help="high-rank heads: qk_entropy_rank at or above this percentile")
-    hd.add_argument("--store", help="SQLite result store")
-    hd.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
-    hd.add_argument("--config", help="JSON, TOML or YAML config file")
+    _add_store(hd)
 
     em = sub.add_parser("embeddings", help="exact all-pairs cosine geometry of the token embedding (and untied lm_head)")
     _add_common(em)
@@ -74,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--precision", choices=["float32", "float64"], default="float32",
                     help="GEMM precision (float64: every count exact against a float64 reference; ~2x slower)")
     em.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    em.add_argument("--store", help="SQLite result store")
-    em.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
-    em.add_argument("--config", help="JSON, TOML or YAML config file")
+    _add_store(em)
 
     cl = sub.add_parser("clusters", help="k-means clusters of the token embedding, decoded to text")
     _add_common(cl)
@@ -89,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", help="write the clusters as JSON")
     cl.add_argument("--plot", help="folder for the k-selection curve")
     cl.add_argument("--seed", type=int, help="random seed (default 0)")
-    cl.add_argument("--store", help="SQLite result store")
-    cl.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
-    cl.add_argument("--config", help="JSON, TOML or YAML config file")
+    _add_store(cl)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")

@@ -36,7 +36,7 @@ class GeometryOptions:
     bins: int = 100
     lo: float = -0.5
     hi: float = 1.0
-    max_memory: int = 1 << 30  # bytes for the block of cosines in flight
+    max_memory: int = 1 << 30  # bytes for the block of cosines in flight (plus the unit rows themselves)
     precision: str = "float32"  # GEMM precision; float64 makes every count exact against float64
     top_hubs: int = 20
     sample: int | None = None  # estimate from this many random pairs instead of all of them
@@ -86,12 +86,28 @@ class Vocabulary:
         raise LayerscopeError(f"--tokens {word!r}: not a single token of this vocabulary (it encodes to {len(ids)} tokens)")
 
 
-def _normalised(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-    x64 = x.to(torch.float64)
-    norms = torch.linalg.vector_norm(x64, dim=1)
+CHUNK_ROWS = 8192  # rows converted to float64 at a time: the input is never copied whole
+
+
+def _row_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 row norms and the float64 sum of the rows, in chunks."""
+    norms = torch.empty(x.shape[0], dtype=torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for s in range(0, x.shape[0], CHUNK_ROWS):
+        block = x[s:s + CHUNK_ROWS].to(torch.float64)
+        norms[s:s + CHUNK_ROWS] = torch.linalg.vector_norm(block, dim=1)
+        total += block.sum(dim=0)
+    return norms, total
+
+
+def _normalised(x: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit rows (zero rows dropped) in ``dtype``, normalised in float64 chunk by chunk."""
     valid = torch.nonzero(norms > 0).squeeze(1)
-    xn = (x64[valid] / norms[valid, None]).to(dtype)
-    return xn, valid.numpy(), norms
+    xn = torch.empty((len(valid), x.shape[1]), dtype=dtype)
+    for s in range(0, len(valid), CHUNK_ROWS):
+        rows = valid[s:s + CHUNK_ROWS]
+        xn[s:s + CHUNK_ROWS] = (x[rows].to(torch.float64) / norms[rows, None]).to(dtype)
+    return xn, valid.numpy()
 
 
 def _percentiles(counts: np.ndarray, below: int, above: int, lo: float, width: float) -> dict[str, float | None]:
@@ -120,11 +136,12 @@ def cosine_geometry(x: torch.Tensor, opts: GeometryOptions = GeometryOptions(), 
     if not bool(torch.isfinite(x).all()):
         raise LayerscopeError("embedding matrix contains NaN or Inf values")
     dtype = torch.float64 if opts.precision == "float64" else torch.float32
-    xn, valid, norms = _normalised(x, dtype)
+    norms, row_sum = _row_norms(x)
+    xn, valid = _normalised(x, norms, dtype)
     v, d = xn.shape
     result: dict[str, Any] = {"vocab_size": int(x.shape[0]), "dim": int(d), "zero_rows": int(x.shape[0] - v),
                               "precision": opts.precision}
-    result.update(_isotropy_and_norms(x, norms))
+    result.update(_isotropy_and_norms(row_sum / x.shape[0], norms))
     if opts.sample:
         result.update(_sampled(xn, opts))
         return result
@@ -167,9 +184,7 @@ def cosine_geometry(x: torch.Tensor, opts: GeometryOptions = GeometryOptions(), 
     return result
 
 
-def _isotropy_and_norms(x: torch.Tensor, norms: torch.Tensor) -> dict[str, Any]:
-    x64 = x.to(torch.float64)
-    mean_vec = x64.mean(dim=0)
+def _isotropy_and_norms(mean_vec: torch.Tensor, norms: torch.Tensor) -> dict[str, Any]:
     n = norms.numpy()
     return {
         "isotropy": {"mean_vector_norm_over_mean_norm": float(torch.linalg.vector_norm(mean_vec)) / float(n.mean())},
@@ -196,9 +211,13 @@ def _sampled(xn: torch.Tensor, opts: GeometryOptions) -> dict[str, Any]:
 
 
 def nearest_neighbours(x: torch.Tensor, token_id: int, k: int = 10) -> list[tuple[int, float]]:
-    x64 = x.to(torch.float64)
-    xn = x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True).clamp_min(1e-300)
-    cos = xn @ xn[token_id]
+    """The k rows most cosine-similar to row ``token_id`` (float64, in chunks)."""
+    norms, _ = _row_norms(x)
+    target = x[token_id].to(torch.float64)
+    cos = torch.empty(x.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[0], CHUNK_ROWS):
+        cos[s:s + CHUNK_ROWS] = x[s:s + CHUNK_ROWS].to(torch.float64) @ target
+    cos /= norms.clamp_min(1e-300) * max(float(norms[token_id]), 1e-300)
     cos[token_id] = -math.inf
     top = torch.topk(cos, min(k, x.shape[0] - 1))
     return [(int(i), float(c)) for c, i in zip(top.values, top.indices)]
