@@ -56,6 +56,24 @@ def _small_checkpoint(directory: Path) -> Path:
     return path
 
 
+def _embeddings_check() -> None:
+    """All-pairs cosine geometry on the GPU equals the CPU's; then time a 50257 × 768 vocabulary."""
+    from layerscope.embeddings import GeometryOptions, cosine_geometry
+
+    x = torch.randn(50257, 768, generator=torch.Generator().manual_seed(0))
+    x[:, :16] += 2 * torch.randn(50257, 1, generator=torch.Generator().manual_seed(1))  # some structure
+    exact = GeometryOptions(precision="float64", max_memory=64 << 20)
+    cpu = cosine_geometry(x[:6000], exact)
+    gpu = cosine_geometry(x[:6000], exact, device="cuda")
+    assert cpu["histogram"] == gpu["histogram"], "GPU histogram differs"
+    assert abs(cpu["mean"] - gpu["mean"]) < 1e-12 and cpu["threshold"]["pairs_above"] == gpu["threshold"]["pairs_above"]
+    print("embeddings 6000 rows float64: GPU histogram, mean and neighbour counts equal the CPU's  OK")
+    for device in ("cuda", "cpu"):
+        start = time.perf_counter()
+        r = cosine_geometry(x, GeometryOptions(), device=device)
+        print(f"embeddings 50257×768 float32 on {device}: {time.perf_counter() - start:.1f}s (block {r['block_rows']} rows)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="/tmp/layerscope-bench")
@@ -86,6 +104,7 @@ def main() -> int:
     print(f"forced OOM: {len(fallbacks)} fallback warnings, e.g. {fallbacks[0]!r}")
     _compare(oom, cpu, "forced CUDA OOM -> CPU fallback")
 
+    _embeddings_check()
     if args.skip_big:
         return 0
     path = ensure_checkpoint(args.root, n_layers=4, dtype=torch.float32)
