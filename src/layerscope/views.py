@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LayerscopeError
@@ -114,13 +115,13 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
         for col in ["name", "shape", *key]:
             table.add_column(col, justify="left" if col in ("name", "shape") else "right")
         for _, row in others.iterrows():
-            table.add_row(row["name"], row["shape"], *[_fmt(row[m]) for m in key])
+            table.add_row(escape(row["name"]), row["shape"], *[_fmt(row[m]) for m in key])
         console.print(table)
     errors = t[t["error"].astype(str) != ""]
     if len(errors):
         console.print(f"[yellow]{len(errors)} row(s) with notes[/yellow] (see the 'error' column):")
         for _, row in errors.head(8).iterrows():
-            console.print(f"  {row['name']}: {row['error']}")
+            console.print(escape(f"  {row['name']}: {row['error']}"))
         if len(errors) > 8:
             console.print(f"  … and {len(errors) - 8} more")
     console.print(
@@ -171,14 +172,14 @@ def print_embeddings(result, console: Console | None = None) -> None:
                           f"{thr['pairs_above']:,} pairs; per token mean {nb['mean']:.3g}, max {nb['max']}; "
                           f"{nb['tokens_with_neighbors']:,} tokens have one")
             hubs = ", ".join(f"{h.get('text', h['id'])!r} ({h['neighbors']})" for h in thr["top_hubs"][:10])
-            table.add_row("top hub tokens", hubs or "none")
+            table.add_row("top hub tokens", escape(hubs) or "none")
         else:
             table.add_row(f"share of pairs with cos > {thr['value']}", f"{thr['fraction_above']:.3g} ± {thr['fraction_above_ci95_halfwidth']:.2g}")
         table.add_row("isotropy ‖mean row‖ / mean ‖row‖", f"{g['isotropy']['mean_vector_norm_over_mean_norm']:.4f}")
         n = g["norms"]
         table.add_row("row norms", f"mean {n['mean']:.4g} ± {n['std']:.3g}, min {n['min']:.4g}, median {n['p50']:.4g}, max {n['max']:.4g}")
         for word, near in g.get("nearest", {}).items():
-            table.add_row(f"nearest to {word!r}", ", ".join(f"{x['text']!r} {x['cosine']:.3f}" for x in near))
+            table.add_row(escape(f"nearest to {word!r}"), escape(", ".join(f"{x['text']!r} {x['cosine']:.3f}" for x in near)))
         console.print(table)
 
 
@@ -195,5 +196,5 @@ def print_clusters(result, console: Console | None = None) -> None:
         table.add_column("size", justify="right")
         table.add_column("tokens nearest the centre")
         for c in r["clusters"][:30]:
-            table.add_row(str(c["cluster"]), f"{c['size']:,}", ", ".join(repr(t) for t in c["text"]))
+            table.add_row(str(c["cluster"]), f"{c['size']:,}", escape(", ".join(repr(t) for t in c["text"])))
         console.print(table)
