@@ -153,3 +153,25 @@ def test_python_api_raises_one_exception_type(tmp_path):
         layerscope.analyze(tmp_path / "missing")
     with pytest.raises(LayerscopeError, match="unknown config key"):
         layerscope.analyze(tmp_path, wrkers=2)
+
+
+def test_failing_decomposition_costs_only_that_matrix(tmp_path, monkeypatch):
+    path = checkpoints.save_safetensors({"a.weight": torch.randn(32, 16), "b.weight": torch.randn(24, 12)},
+                                        tmp_path / "w.safetensors")
+    import layerscope.pipeline as pipeline
+
+    real = pipeline.singular_values
+
+    def failing(matrix, *args, **kwargs):
+        if matrix.shape[0] == 32:
+            raise torch.linalg.LinAlgError("eigvalsh: the algorithm failed to converge")
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "singular_values", failing)
+    result = layerscope.analyze(path, store=str(tmp_path / "s.sqlite"))
+    t = result.table.set_index("name")
+    assert "spectrum failed" in t.loc["a.weight", "error"] and math.isnan(t.loc["a.weight", "alpha"])
+    assert t.loc["a.weight", "std"] > 0 and t.loc["b.weight", "alpha"] > 0 and result.exit_code == 0
+    monkeypatch.setattr(pipeline, "singular_values", real)
+    again = layerscope.analyze(path, store=str(tmp_path / "s.sqlite")).table.set_index("name")
+    assert again.loc["a.weight", "alpha"] > 0 and again.loc["a.weight", "error"] == ""  # the failure was not cached

@@ -148,7 +148,8 @@ class _Runner:
                 if tensor is None:
                     tensor, _ = self._read(name, force=True)
                 new_values, spectrum = self._compute(part.apply(tensor), missing, part_hash)
-                self.store.put(part_hash, new_values, spectrum)
+                if " failed: " not in new_values[ERROR_KEY]:  # a failed computation is retried next run
+                    self.store.put(part_hash, new_values, spectrum)
                 values.update(new_values)
             with self._count_lock:
                 if recompute:
@@ -182,7 +183,10 @@ class _Runner:
         errors = [problem] if problem else []
         spec, spectrum_record = None, None
         if not problem and matrix.dim() == 2 and any(m.needs == "spectrum" for m in missing):
-            spec, spectrum_record = self._spectrum(matrix, part_hash)
+            try:
+                spec, spectrum_record = self._spectrum(matrix, part_hash)
+            except Exception as exc:  # e.g. LAPACK not converging: this matrix loses its spectrum, no more
+                errors.append(f"spectrum failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         for m in missing:
             intermediate = mom if m.needs == "moments" else spec
             if intermediate is None:
