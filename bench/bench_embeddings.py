@@ -38,10 +38,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+import childproc  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -180,12 +180,7 @@ def run_child(mode: str, v: int, d: int, max_memory: int, seed: int, full: bool,
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
     print(f"[bench_embeddings] child {mode} max_memory={max_memory / MiB:.0f} MiB ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"child failed with exit code {proc.returncode}: {' '.join(cmd)}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return childproc.run_child(cmd, env)
 
 
 def main(argv=None) -> int:

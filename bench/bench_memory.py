@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+import childproc  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -127,12 +127,7 @@ def child(path: str, store: str) -> int:
 def run_child(path: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="layerscope-mem-") as tmp:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--store", str(Path(tmp) / "s.sqlite")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"child failed with exit code {proc.returncode}: {' '.join(cmd)}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+        return childproc.run_child(cmd)
 
 
 def main(argv=None) -> int:
