@@ -252,8 +252,9 @@ def main(argv=None) -> int:
     if not all(c["hwm_reset"] for _, a, b, _ in summary for c in (a, b)):
         print("  WARNING: could not reset the RSS high-water mark; peaks may include earlier allocations")
     x_mib = v * d * 4 / MiB
-    print(f"  (input x float32 = {x_mib:.0f} MiB, already resident before the call; layerscope also makes a float64 "
-          f"copy ({2 * x_mib:.0f} MiB) and normalised float32 rows ({x_mib:.0f} MiB) during the call)")
+    print(f"  (input x float32 = {x_mib:.0f} MiB, already resident before the call; layerscope also holds the "
+          f"normalised float32 rows ({x_mib:.0f} MiB) and float64 chunks of 8192 rows ({8192 * d * 8 / MiB:.0f} MiB) "
+          f"beside the block of cosines)")
     return 0
 
 
