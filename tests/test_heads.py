@@ -106,3 +106,17 @@ def test_model_without_attention_is_one_line(tmp_path, capsys):
     code = main(["heads", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "attention" in err
+
+
+def test_mlp_down_spectra_match_float64_and_reuse_the_store(tmp_path):
+    store = str(tmp_path / "s.sqlite")
+    fresh = layerscope.mlp_down_spectra(checkpoints.minilm_dir(), store=store)
+    layerscope.analyze(checkpoints.minilm_dir(), store=store, metrics="condition_number")
+    again = layerscope.mlp_down_spectra(checkpoints.minilm_dir(), store=store)
+    assert list(fresh["layer"]) == list(range(6))
+    src = open_source(checkpoints.minilm_dir())
+    for row, cached in zip(fresh.itertuples(), again.itertuples()):
+        s = np.linalg.svd(src.load(row.name).double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(row.explained_variance, np.cumsum(s**2) / np.sum(s**2), rtol=1e-9)
+        assert row.condition_number == pytest.approx(s[0] / s[-1], rel=1e-6)
+        np.testing.assert_array_equal(row.explained_variance, cached.explained_variance)

@@ -15,6 +15,7 @@ from .anatomy import build_anatomy
 from .config import Config
 from .errors import LayerscopeError
 from .metrics.spectral import condition_number
+from .pipeline import read_with_hash
 from .sources import open_source
 from .spectrum import Spectrum, singular_values
 from .store import Store
@@ -33,15 +34,13 @@ def mlp_down_spectra(source: Any, config: Config | None = None, *, revision: str
     rows = []
     with Store(config.resolved_store()) as store:
         for e in downs:
-            fingerprint = src.fingerprint(e.name)
-            digest = store.hash_for(fingerprint) if fingerprint and config.cache else None
-            sv = store.spectrum(digest, config.dtype) if digest and config.cache else None
+            tensor, digest = read_with_hash(src, store, e.name, config.cache)
+            sv = store.spectrum(digest, config.dtype) if config.cache else None
             if sv is None:
-                tensor, digest = src.read(e.name)
+                if tensor is None:
+                    tensor, _ = read_with_hash(src, store, e.name, config.cache, force=True)
                 sv, _ = singular_values(tensor, config.dtype, config.device)
                 store.put(digest, {}, (config.dtype, sv))
-                if fingerprint:
-                    store.remember_hash(fingerprint, digest)
             energy = np.cumsum(np.asarray(sv, dtype=np.float64) ** 2)
             spec = Spectrum(np.asarray(sv), tuple(e.shape), "stored")
             rows.append({"layer": e.layer, "name": e.name, "condition_number": condition_number(spec, config.rank_tol),

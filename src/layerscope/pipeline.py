@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import threading
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -160,21 +160,7 @@ class _Runner:
         return rows
 
     def _read(self, name: str, force: bool = False) -> tuple[torch.Tensor | None, str]:
-        """The tensor (or None when the store already knows its hash) and its content hash."""
-        fingerprint = self.source.fingerprint(name)
-        if not force and self.config.cache and fingerprint:
-            known = self.store.hash_for(fingerprint)
-            if known:
-                return None, known
-        try:
-            tensor, digest = self.source.read(name)
-        except LayerscopeError:
-            raise
-        except Exception as exc:  # any other failure to materialise this one tensor
-            raise LayerscopeError(f"{name}: {type(exc).__name__}: {exc}") from None
-        if fingerprint:
-            self.store.remember_hash(fingerprint, digest)
-        return tensor, digest
+        return read_with_hash(self.source, self.store, name, self.config.cache, force)
 
     def _compute(self, matrix: torch.Tensor, missing: list[Metric], part_hash: str):
         values: dict[tuple[str, str], Any] = {}
@@ -227,6 +213,26 @@ class _Runner:
             row[m.name] = values.get((m.name, m.key), math.nan)
         row["error"] = values.get(ERROR_KEY) or ""
         return row
+
+
+def read_with_hash(source: Source, store: Store, name: str, use_cache: bool = True,
+                   force: bool = False) -> tuple[torch.Tensor | None, str]:
+    """The tensor and its content hash; the tensor is None when the store knows the hash from the
+    file's fingerprint (and ``force`` is off), so unchanged tensors are not even read."""
+    fingerprint = source.fingerprint(name)
+    if not force and use_cache and fingerprint:
+        known = store.hash_for(fingerprint)
+        if known:
+            return None, known
+    try:
+        tensor, digest = source.read(name)
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # any other failure to materialise this one tensor
+        raise LayerscopeError(f"{name}: {type(exc).__name__}: {exc}") from None
+    if fingerprint:
+        store.remember_hash(fingerprint, digest)
+    return tensor, digest
 
 
 def spectrum_problem(matrix: torch.Tensor, mom) -> str | None:
