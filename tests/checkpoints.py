@@ -99,7 +99,7 @@ MiniLM (minilm_dir(), real all-MiniLM-L6-v2): unprefixed BertModel names,
     d=384, 6 layers, 12 heads, d_ff=1536, vocab 30522, and it also stores the
     int64 buffer ``embeddings.position_ids`` [1, 512] (I64) — a non-float
     2-D tensor that must not be treated as a weight matrix.
-nanoGPT (build_nanogpt): see tests/nanogpt_model.py; c_attn.weight [192, 64],
+nanoGPT (build_nanogpt): see examples/nanogpt_model.py; c_attn.weight [192, 64],
     c_proj [64, 64], mlp.c_fc [256, 64], mlp.c_proj [64, 256] (nn.Linear
     [out, in], unlike HF GPT-2 Conv1D), wte [256, 64], wpe [64, 64],
     lm_head.weight stored too (same storage as wte), keys prefixed
@@ -113,7 +113,6 @@ import json
 import os
 import pickle
 import struct
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -503,9 +502,6 @@ def build_nanogpt(
     by default a float is stored, ``best_val_loss_tensor=True`` stores the tensor.
     ``path`` may be a directory (then ``<dir>/ckpt.pt``) or a file path.
     """
-    tests_dir = str(Path(__file__).resolve().parent)
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
     from nanogpt_model import GPT, GPTConfig
 
     path = Path(path)

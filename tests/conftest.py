@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+EXAMPLES_DIR = TESTS_DIR.parent / "examples"  # the nanoGPT model and training example are fixtures too
+for _dir in (TESTS_DIR, EXAMPLES_DIR):
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
 # Set at import time too, so that anything imported while collecting tests
 # (e.g. transformers / huggingface_hub reading the env at import) is offline.
@@ -63,3 +65,25 @@ def arch_checkpoints(tmp_path_factory) -> dict:
     """{arch: folder} with every arch of checkpoints.ARCHS built once as model.safetensors."""
     root = tmp_path_factory.mktemp("arch-checkpoints")
     return {arch: checkpoints.build_hf(arch, root / arch, fmt="safetensors") for arch in checkpoints.ARCHS}
+
+
+TRAINED_RUN_SETTINGS = dict(max_iters=200, eval_interval=50, monitor_every=25, n_layer=2, n_head=4, n_embd=64,
+                            batch_size=8, block_size=64, corpus_bytes=400_000, eval_iters=5, warmup_iters=20)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """examples/train_gpt.py really trained on CPU (a few seconds): nanoGPT checkpoints every 50
+    steps, and the monitor's JSONL and store records every 25 steps."""
+    import train_gpt
+
+    out = tmp_path_factory.mktemp("trained-run")
+    settings = dict(TRAINED_RUN_SETTINGS, out_dir=str(out), quiet=True, sinks=f"store:{out / 'monitor.sqlite'}")
+    saved = {k: getattr(train_gpt, k) for k in settings}
+    train_gpt.configure([f"--{k}={v}" for k, v in settings.items()])
+    try:
+        result = train_gpt.train()
+    finally:
+        for k, v in saved.items():
+            setattr(train_gpt, k, v)
+    return {"dir": out, "settings": settings, **result}

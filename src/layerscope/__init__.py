@@ -6,13 +6,16 @@ from .anatomy import Anatomy, Dims  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import LayerscopeError  # noqa: E402
 from .clusters import ClustersResult, clusters  # noqa: E402
+from .compare import CompareResult, compare  # noqa: E402
 from .embeddings import EmbeddingsResult, GeometryOptions, embeddings  # noqa: E402
 from .heads import HeadsResult, heads  # noqa: E402
 from .mlp import mlp_down_spectra  # noqa: E402
+from .monitor import Monitor  # noqa: E402
 from .metrics import all_metrics, register  # noqa: E402
 from .pipeline import AnalysisResult, analyze, inspect  # noqa: E402
 from .sources import open_source  # noqa: E402
+from .trajectory import TrajectoryResult, trajectory  # noqa: E402
 
-__all__ = ["ClustersResult", "clusters", "EmbeddingsResult", "GeometryOptions", "embeddings", "mlp_down_spectra",
+__all__ = ["ClustersResult", "clusters", "CompareResult", "compare", "Monitor", "TrajectoryResult", "trajectory", "EmbeddingsResult", "GeometryOptions", "embeddings", "mlp_down_spectra",
            "HeadsResult", "heads", "AnalysisResult", "Anatomy", "Config", "Dims", "LayerscopeError", "all_metrics", "analyze", "inspect",
            "open_source", "register", "__version__"]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
@@ -92,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--plot", help="folder for the k-selection curve")
     cl.add_argument("--seed", type=int, help="random seed (default 0)")
     _add_store(cl)
+
+    cp = sub.add_parser("compare", help="drift between checkpoints: per matrix, spectral deltas, tokens, task vectors")
+    cp.add_argument("paths", nargs="+", metavar="PATH", help="two checkpoints A B (drift A → B), or fine-tunes with --base")
+    cp.add_argument("--base", help="base model: drift base → each PATH, plus task vectors (PATH − base) and sign conflicts")
+    cp.add_argument("--out", help="write the drift table to .csv/.parquet, or everything to .json")
+    cp.add_argument("--plot", help="folder for drift-by-layer figures")
+    cp.add_argument("--top-k", type=int, default=50, help="most and least drifted tokens to list (default 50)")
+    cp.add_argument("--no-procrustes", action="store_true", help="skip the Procrustes alignment (faster on big models)")
+    cp.add_argument("--no-spectral", action="store_true", help="skip the spectral deltas (no analysis of either model)")
+    cp.add_argument("--trim", type=float, default=0.2, help="TIES trim: sign conflicts also among the top fraction by magnitude (default 0.2)")
+    _add_store(cp)
+
+    tr = sub.add_parser("trajectory", help="every metric over the checkpoints of a training run, and drift")
+    tr.add_argument("paths", nargs="+", metavar="PATH",
+                    help="a folder of checkpoints (checkpoint-<step>/, ckpt_<iter>.pt, ...) or the checkpoints themselves")
+    tr.add_argument("--out", help="write the long table (step × matrix) to .csv, .parquet or .json")
+    tr.add_argument("--plot", help="folder for metric-over-steps figures")
+    tr.add_argument("--plot-metrics", default="entropy_rank,stable_rank,alpha,drift_first_rel_change",
+                    help="columns to plot over steps (default entropy_rank,stable_rank,alpha,drift_first_rel_change)")
+    tr.add_argument("--metrics", help="metrics to compute (names or groups; default all)")
+    tr.add_argument("--procrustes", action="store_true", help="also the Procrustes-aligned cosine of each step's drift")
+    _add_store(tr)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
@@ -284,6 +307,45 @@ def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from .compare import compare
+    from .views import print_compare
+
+    with _LazyProgress("comparing") as progress:
+        result = compare(*args.paths, base=args.base, config=_config(args), top_k=args.top_k, procrustes=not args.no_procrustes,
+                         spectral=not args.no_spectral, keep=args.trim,
+                         progress=lambda done, total, name: progress.update("tensors", done, total, name))
+    print_compare(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        from .plots import drift_by_layer
+
+        for label in result.models:
+            rows = result.table[result.table["model"] == label]
+            console.print(f"wrote {drift_by_layer(rows, Path(args.plot) / label, f'drift {result.reference} → {label}')}")
+    return 1 if any(result.table["error"].astype(str).str.startswith("unreadable")) else 0
+
+
+def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
+    from .trajectory import trajectory
+    from .views import print_trajectory
+
+    with _LazyProgress("trajectory") as progress:
+        result = trajectory(args.paths, _config(args), procrustes=args.procrustes, progress=progress.update)
+    print_trajectory(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        from .plots import metric_over_steps
+
+        for metric in (m.strip() for m in args.plot_metrics.split(",") if m.strip()):
+            if metric not in result.table.columns:
+                raise LayerscopeError(f"--plot-metrics: no column {metric!r} (columns: {', '.join(result.table.columns[6:])})")
+            console.print(f"wrote {metric_over_steps(result.table, metric, args.plot)}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -300,7 +362,7 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
-            "clusters": cmd_clusters, "metrics": cmd_metrics}
+            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "metrics": cmd_metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

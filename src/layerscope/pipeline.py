@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -69,8 +69,11 @@ def inspect(source: Any, revision: str | None = None) -> Anatomy:
 
 
 def analyze(source: Any, config: Config | None = None, *, revision: str | None = None,
-            progress: ProgressCallback | None = None, **overrides: Any) -> AnalysisResult:
-    """Analyse every tensor of ``source``; see :class:`Config` for what ``overrides`` may set."""
+            progress: ProgressCallback | None = None, manage_threads: bool = True, **overrides: Any) -> AnalysisResult:
+    """Analyse every tensor of ``source``; see :class:`Config` for what ``overrides`` may set.
+
+    ``manage_threads=False`` leaves torch's and BLAS's thread counts alone (they are process-wide):
+    the training monitor analyses beside a training loop whose settings are not ours to change."""
     config = (config or Config()).replace(**overrides)
     metrics = select_metrics(config)
     src = open_source(source, revision)
@@ -78,7 +81,7 @@ def analyze(source: Any, config: Config | None = None, *, revision: str | None =
     started = time.perf_counter()
     with Store(config.resolved_store()) as store:
         runner = _Runner(src, anatomy, config, metrics, store)
-        rows_by_name = runner.run(progress)
+        rows_by_name = runner.run(progress, manage_threads)
     rows = [row for name in src.names() for row in rows_by_name.get(name, [])]
     table = _table(rows, metrics)
     _resolve_tied(anatomy, runner.hashes)
@@ -97,13 +100,13 @@ class _Runner:
         self.cached = 0
         self._count_lock = threading.Lock()
 
-    def run(self, progress: ProgressCallback | None) -> dict[str, list[dict[str, Any]]]:
+    def run(self, progress: ProgressCallback | None, manage_threads: bool = True) -> dict[str, list[dict[str, Any]]]:
         names = sorted(self.source.names(), key=lambda n: -self.source.infos[n].numel)
         workers = min(self.config.resolved_workers(), max(1, len(names)))
         results: dict[str, list[dict[str, Any]]] = {}
         total = len(names)
         queue = iter(names)
-        with _torch_threads(workers):
+        with _torch_threads(workers) if manage_threads else nullcontext():
             pool = ThreadPoolExecutor(workers, thread_name_prefix="layerscope")
             pending: dict[Future, str] = {}
             try:
@@ -120,7 +123,7 @@ class _Runner:
                         nxt = next(queue, None)
                         if nxt is not None:
                             pending[pool.submit(self.analyse_tensor, nxt)] = nxt
-                        elif len(pending) == 1 and workers > 1:
+                        elif len(pending) == 1 and workers > 1 and manage_threads:
                             _use_all_cores()  # the last tensor in flight gets the idle workers' cores
             finally:
                 # on Ctrl-C do not wait for decompositions in flight; finished tensors are already stored

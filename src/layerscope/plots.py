@@ -137,3 +137,71 @@ def selection_curve(scores: pd.DataFrame, chosen_k: int, directory: str | Path, 
         ax.grid(alpha=0.3)
     fig.suptitle(f"Choosing k for {name}: k = {chosen_k}", y=1.04)
     return _save(fig, Path(directory) / f"clusters_selection_{name.replace('.', '_')}.png")
+
+
+def _role_colours(roles: Sequence[str]) -> dict[str, str]:
+    """One fixed colour per weight type, the same in every figure."""
+    palette = {"attn.q": "#4477aa", "attn.k": "#66ccee", "attn.v": "#228833", "attn.o": "#ccbb44",
+               "attn.qkv": "#5566aa", "mlp.gate": "#ee6677", "mlp.up": "#aa3377", "mlp.down": "#bb5566",
+               "mlp.gate_up": "#dd7788", "embed.token": "#000000", "embed.position": "#777777", "lm_head": "#996633"}
+    extra = iter(["#332288", "#88ccee", "#44aa99", "#117733", "#999933", "#ddcc77", "#cc6677", "#882255"])
+    return {r: palette.get(r) or next(extra, "#444444") for r in roles}
+
+
+def drift_by_layer(table: pd.DataFrame, directory: str | Path, title: str) -> Path:
+    """rel_change and Procrustes cosine against layer, one line per weight type."""
+    plt = _plt()
+    rows = table[table["layer"].notna() & table["shape"].astype(str).str.contains("×")]
+    roles = [r for r in rows["role"].unique()]
+    colours = _role_colours(roles)
+    panels = [c for c in ("rel_change", "procrustes_cosine") if c in rows and rows[c].notna().any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    labels = {"rel_change": "relative change ‖B−A‖/‖A‖", "procrustes_cosine": "cosine after Procrustes alignment"}
+    for ax, col in zip(axes[0], panels):
+        for role in roles:
+            r = rows[rows["role"] == role].groupby("layer")[col].mean()
+            ax.plot(r.index.astype(int), r.values, marker="o", ms=3, lw=1.4, color=colours[role], label=role)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_ylabel(labels[col])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, Path(directory) / "drift_by_layer.png")
+
+
+def metric_over_steps(table: pd.DataFrame, metric: str, directory: str | Path, title: str = "") -> Path:
+    """``metric`` against training step: one panel per weight type, one line per layer (colour = depth)."""
+    from .views import MATRIX_ROLE_ORDER
+
+    plt = _plt()
+    rows = table[table["layer"].notna() & table["shape"].astype(str).str.contains("×") & table[metric].notna()]
+    roles = [r for r in MATRIX_ROLE_ORDER if r in set(rows["role"])] or sorted(set(rows["role"]))
+    ncols = min(4, max(1, len(roles)))
+    nrows = max(1, -(-len(roles) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols + 1.2, 3.1 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
+    cmap = plt.get_cmap("viridis")
+    layers = sorted(int(x) for x in rows["layer"].unique()) if len(rows) else [0]
+    span = max(1, layers[-1] - layers[0])
+    for i, (ax, role) in enumerate(zip(axes.flat, roles)):
+        sub = rows[rows["role"] == role].pivot_table(index="step", columns="layer", values=metric, aggfunc="mean")
+        for layer in sub.columns:
+            ax.plot(sub.index, sub[layer], lw=1.3, marker="o", ms=2.5, color=cmap((int(layer) - layers[0]) / span),
+                    label=f"layer {int(layer)}")
+        ax.set_title(role, fontsize=10)
+        ax.grid(alpha=0.3)
+        if i % ncols == 0:
+            ax.set_ylabel(metric)
+        if i >= len(roles) - ncols:
+            ax.set_xlabel("training step")
+    for ax in list(axes.flat)[len(roles):]:
+        ax.set_visible(False)
+    if len(layers) <= 8:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=8, title="layer (colour = depth)")
+    else:
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(layers[0], layers[-1]))
+        fig.colorbar(sm, ax=axes.ravel().tolist(), label="layer", shrink=0.8)
+    fig.suptitle(title or f"{metric} over training, per weight type and layer")
+    return _save(fig, Path(directory) / f"trajectory_{metric}.png")

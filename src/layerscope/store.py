@@ -119,6 +119,13 @@ class Store:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (key, kind, params, text))
 
+    def artifacts(self, key: str, kind: str) -> list[Any]:
+        """Every payload stored under ``key`` and ``kind``, ordered by params."""
+        with self._lock:
+            rows = self._db.execute("SELECT payload FROM artifacts WHERE key=? AND kind=? ORDER BY params",
+                                    (key, kind)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]

@@ -198,3 +198,70 @@ def print_clusters(result, console: Console | None = None) -> None:
         for c in r["clusters"][:30]:
             table.add_row(str(c["cluster"]), f"{c['size']:,}", escape(", ".join(repr(t) for t in c["text"])))
         console.print(table)
+
+
+def _role_table(title: str, frame: pd.DataFrame, columns: list[str]) -> Table:
+    """Per role: number of matrices and the mean of each column."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("role")
+    table.add_column("matrices", justify="right")
+    for c in columns:
+        table.add_column(c, justify="right")
+    order = [r for r in MATRIX_ROLE_ORDER if r in set(frame["role"])] + sorted(
+        r for r in set(frame["role"]) if r not in MATRIX_ROLE_ORDER)
+    for role in order:
+        rows = frame[frame["role"] == role]
+        table.add_row(role, str(len(rows)), *[_fmt(pd.to_numeric(rows[c], errors="coerce").mean()) for c in columns])
+    return table
+
+
+def print_compare(result, console: Console | None = None) -> None:
+    """Mismatches, drift by role, the most changed matrices, token drift and task vectors."""
+    console = console or Console()
+    for label, problems in result.mismatch.items():
+        console.print(f"[yellow]{escape(result.reference)} vs {escape(label)}: not everything matches[/yellow]")
+        for p in problems:
+            console.print(escape(f"  {p}"))
+    cols = [c for c in ("rel_change", "cosine", "procrustes_cosine", "delta_entropy_rank", "delta_stable_rank",
+                        "delta_alpha") if c in result.table.columns]
+    for label in result.models:
+        rows = result.table[(result.table["model"] == label) & result.table["shape"].str.contains("×")]
+        console.print(_role_table(f"drift {result.reference} → {label}, mean by role", rows, cols))
+        top = rows.sort_values("rel_change", ascending=False).head(8)
+        table = Table(title="most changed matrices", title_justify="left")
+        for c in ["name", *cols[:3]]:
+            table.add_column(c, justify="left" if c == "name" else "right")
+        for _, row in top.iterrows():
+            table.add_row(escape(row["name"]), *[_fmt(row[c]) for c in cols[:3]])
+        console.print(table)
+        tok = result.tokens.get(label)
+        if tok:
+            console.print(f"token drift ({tok['tokens']:,} tokens, Procrustes-aligned): mean cosine {_fmt(tok['mean_cosine'])}, "
+                          f"median {_fmt(tok['median_cosine'])}, 10th percentile {_fmt(tok['p10_cosine'])}, "
+                          f"mean distance {_fmt(tok['mean_distance'])}")
+            for key, title in (("most_drifted", "most drifted"), ("least_drifted", "least drifted")):
+                shown = ", ".join(f"{t['text']!r} {t['cosine']:.2f}" for t in tok[key][:12])
+                console.print(escape(f"  {title}: {shown}"))
+    tv = result.task_vectors
+    if tv is not None and len(tv):
+        cols = [c for c in tv.columns if c.startswith(("norm[", "cosine[", "sign_conflict"))]
+        console.print(_role_table(f"task vectors (model − {result.reference}), mean by role", tv, cols))
+
+
+def print_trajectory(result, console: Console | None = None) -> None:
+    """Per checkpoint: global drift and mean ranks; then where the run was still moving at the end."""
+    console = console or Console()
+    summary = result.summary()
+    table = Table(title=f"trajectory over {len(result.checkpoints)} checkpoints", title_justify="left")
+    for c in summary.columns:
+        table.add_column(c, justify="left" if c == "checkpoint" else "right")
+    for _, row in summary.iterrows():
+        table.add_row(*[escape(str(row[c])) if c == "checkpoint" else _fmt(row[c]) for c in summary.columns])
+    console.print(table)
+    last = result.table[result.table["step"] == result.table["step"].max()]
+    moving = last[last["shape"].str.contains("×")].dropna(subset=["drift_prev_rel_change"])
+    if len(moving):
+        top = moving.sort_values("drift_prev_rel_change", ascending=False).head(5)
+        shown = ", ".join(f"{n} {v:.3g}" for n, v in zip(top["name"], top["drift_prev_rel_change"]))
+        console.print(escape(f"still moving most at the last checkpoint (change from the previous): {shown}"))
+    console.print(f"{result.computed} matrices computed, {result.cached} from the store")

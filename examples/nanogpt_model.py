@@ -1,4 +1,4 @@
-"""A faithful, minimal copy of karpathy/nanoGPT's ``model.py`` (test fixture).
+"""A faithful, minimal copy of karpathy/nanoGPT's ``model.py`` (used by ``train_gpt.py`` and the tests).
 
 Only what the test fixtures need is kept: the module tree, parameter names,
 weight initialisation, weight tying, ``forward`` and ``configure_optimizers``

@@ -1,0 +1,321 @@
+"""Compare checkpoints: per-matrix drift, spectral deltas, token drift and task vectors.
+
+Tensors are matched by name, and where names differ (a prefix, a renamed module) by what the
+anatomy says they are: the same role in the same layer. Anything that does not match is listed
+and the rest is still compared. Each pair of tensors is read once, one pair at a time, and its
+drift is stored under the two content hashes, so a comparison seen before costs no reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from .anatomy import Anatomy, build_anatomy
+from .config import Config
+from .drift import matrix_drift, task_vector_stats, token_drift
+from .embeddings import Vocabulary
+from .errors import LayerscopeError
+from .sources import Source, open_source
+from .store import Store
+
+DRIFT_COLUMNS = ["rel_change", "cosine", "procrustes_cosine", "procrustes_residual"]
+DRIFT_VERSION = 1
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Model:
+    """One opened checkpoint: its source, anatomy and a short label for column names."""
+
+    source: Source
+    anatomy: Anatomy
+    label: str
+
+    @classmethod
+    def open(cls, spec: Any, label: str | None = None, revision: str | None = None) -> "Model":
+        src = open_source(spec, revision)
+        return cls(src, build_anatomy(src.infos, src.config), label or short_label(src))
+
+
+def short_label(source: Source) -> str:
+    path = Path(source.label)
+    name = path.stem if path.suffix in (".pt", ".bin", ".safetensors", ".pth", ".ckpt") else path.name
+    return name or source.label
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for lb in labels:
+        seen[lb] = seen.get(lb, 0) + 1
+        out.append(lb if seen[lb] == 1 and labels.count(lb) == 1 else f"{lb}#{seen[lb]}")
+    return out
+
+
+# -- matching -------------------------------------------------------------------------------------
+def match_tensors(a: Anatomy, b: Anatomy) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pairs (name in a, name in b) of tensors that correspond, and what does not match, in words."""
+    pairs: list[tuple[str, str]] = []
+    only_a = [n for n in a.entries if n not in b.entries]
+    only_b = [n for n in b.entries if n not in a.entries]
+    for name in a.entries:
+        if name in b.entries:
+            pairs.append((name, name))
+    # a name present on one side only may still be the same matrix under another name
+    key_b = _unique_keys(b, only_b)
+    for name in list(only_a):
+        other = key_b.get(_anatomy_key(a, name))
+        if other is not None and other in only_b:
+            pairs.append((name, other))
+            only_a.remove(name)
+            only_b.remove(other)
+    problems: list[str] = []
+    if a.family != b.family:
+        problems.append(f"architectures differ: {a.family} vs {b.family}")
+    shape_mismatch = [(x, y) for x, y in pairs if a.entries[x].shape != b.entries[y].shape]
+    for x, y in shape_mismatch:
+        problems.append(f"{x}: shape {_shape(a.entries[x].shape)} vs {_shape(b.entries[y].shape)}")
+    if only_a:
+        problems.append(f"only in the first: {_names(only_a)}")
+    if only_b:
+        problems.append(f"only in the second: {_names(only_b)}")
+    pairs = [p for p in pairs if p not in shape_mismatch]
+    return pairs, problems
+
+
+def _anatomy_key(anatomy: Anatomy, name: str) -> tuple | None:
+    e = anatomy.entries[name]
+    if e.role in ("other", "unknown"):
+        return None
+    return (e.role, e.layer, e.expert, name.rsplit(".", 1)[-1])
+
+
+def _unique_keys(anatomy: Anatomy, names: list[str]) -> dict[tuple, str]:
+    keys: dict[tuple, list[str]] = {}
+    for n in names:
+        k = _anatomy_key(anatomy, n)
+        if k is not None:
+            keys.setdefault(k, []).append(n)
+    return {k: v[0] for k, v in keys.items() if len(v) == 1}
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    head = ", ".join(names[:limit])
+    return f"{head} and {len(names) - limit} more" if len(names) > limit else head
+
+
+# -- drift of matched tensors -------------------------------------------------------------------
+def drift_rows(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, *, procrustes: bool = True,
+               slices: bool = True, use_cache: bool = True, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """One row per matrix (fused tensors also per q/k/v slice): drift from ``a`` to ``b``."""
+    from .pipeline import _derived_hash, read_with_hash
+
+    params = json.dumps({"procrustes": procrustes, "v": DRIFT_VERSION})
+    rows: list[dict[str, Any]] = []
+    for done, (na, nb) in enumerate(pairs, 1):
+        entry = a.anatomy.entries[na]
+        parts = a.anatomy.parts(na, slices) or []
+        row_base = {"name": na, "layer": entry.layer, "role": entry.role, "shape": _shape(entry.shape)}
+        try:
+            ta, ha = read_with_hash(a.source, store, na, use_cache)
+            tb, hb = read_with_hash(b.source, store, nb, use_cache)
+            if not parts:  # 1-D tensors (norms, biases) and 3-D stacks still get rel_change and cosine
+                from .anatomy import Part
+
+                parts = [Part("", entry.role, entry.expert)]
+            for part in parts:
+                key_a = ha if not part.suffix else _derived_hash(ha, part.key)
+                key_b = hb if not part.suffix else _derived_hash(hb, part.key)
+                cached = store.artifact(f"{key_a}>{key_b}", "drift", params) if use_cache else None
+                if cached is None:
+                    if ta is None:
+                        ta, _ = read_with_hash(a.source, store, na, use_cache, force=True)
+                    if tb is None:
+                        tb, _ = read_with_hash(b.source, store, nb, use_cache, force=True)
+                    cached = _finite_or_none(matrix_drift(part.apply(ta), part.apply(tb), procrustes))
+                    store.put_artifact(f"{key_a}>{key_b}", "drift", params, cached)
+                name = f"{na}[{part.suffix}]" if part.suffix else na
+                rows.append({**row_base, "name": name, "role": part.role,
+                             **{c: _nan(cached.get(c)) for c in DRIFT_COLUMNS}, "error": ""})
+        except LayerscopeError as exc:
+            rows.append({**row_base, **{c: math.nan for c in DRIFT_COLUMNS}, "error": f"unreadable: {exc}"})
+        except ValueError as exc:
+            rows.append({**row_base, **{c: math.nan for c in DRIFT_COLUMNS}, "error": str(exc)})
+        if progress:
+            progress(done, len(pairs), na)
+    return rows
+
+
+def _finite_or_none(values: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if v is not None and math.isfinite(v) else None) for k, v in values.items()}
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+# -- the comparison ---------------------------------------------------------------------------------
+@dataclass
+class CompareResult:
+    """``table``: one row per (model, matrix) — drift from the reference and spectral deltas.
+    ``tokens``: per model, token-embedding drift after Procrustes alignment (decoded).
+    ``task_vectors``: with a base, one row per tensor — task-vector norms, cosines, sign conflicts.
+    ``mismatch``: what did not match, in words (the matching tensors are still compared)."""
+
+    reference: str
+    models: list[str]
+    table: pd.DataFrame
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_vectors: pd.DataFrame | None = None
+    mismatch: dict[str, list[str]] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """The drift table as .csv/.parquet/.json; a .json file also holds tokens, task vectors, mismatch."""
+        from .views import write_table
+
+        path = Path(path)
+        if path.suffix.lower() != ".json":
+            return write_table(self.table, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "reference": self.reference, "models": self.models, "mismatch": self.mismatch,
+            "drift": json.loads(self.table.to_json(orient="records")),
+            "tokens": self.tokens,
+            "task_vectors": json.loads(self.task_vectors.to_json(orient="records")) if self.task_vectors is not None else None,
+        }
+        path.write_text(json.dumps(payload, indent=1))
+        return path
+
+
+def compare(*models: Any, base: Any = None, config: Config | None = None, top_k: int = 50,
+            procrustes: bool = True, spectral: bool = True, keep: float = 0.2,
+            progress: Progress | None = None, **overrides: Any) -> CompareResult:
+    """Compare checkpoints. ``compare(a, b)``: drift from ``a`` to ``b`` (and to any further model).
+    ``compare(x, y, base=b)``: drift from ``b`` to each model, plus the task vectors ``model − b``
+    (their norms, cosines and sign conflicts, before and after TIES-style trimming to ``keep``)."""
+    config = (config or Config()).replace(**overrides)
+    if not 0 < keep <= 1:
+        raise LayerscopeError(f"keep must lie in (0, 1], got {keep}")
+    if len(models) < (1 if base is not None else 2):
+        raise LayerscopeError("compare needs two checkpoints (A B), or a base and at least one fine-tune")
+    specs = ([base] if base is not None else []) + list(models)
+    opened = [Model.open(s) for s in specs]
+    for m, label in zip(opened, _unique([m.label for m in opened])):
+        m.label = label
+    ref, targets = opened[0], opened[1:]
+    rows: list[dict[str, Any]] = []
+    tokens: dict[str, dict[str, Any]] = {}
+    mismatch: dict[str, list[str]] = {}
+    matched: dict[str, list[tuple[str, str]]] = {}
+    with Store(config.resolved_store()) as store:
+        for target in targets:
+            pairs, problems = match_tensors(ref.anatomy, target.anatomy)
+            if problems:
+                mismatch[target.label] = problems
+            if not pairs:
+                raise LayerscopeError(f"{ref.label} and {target.label} have no tensor in common: {'; '.join(problems)}")
+            matched[target.label] = pairs
+            for row in drift_rows(ref, target, pairs, store, procrustes=procrustes, slices=config.slices,
+                                  use_cache=config.cache, progress=progress):
+                rows.append({"model": target.label, **row})
+            tok = _token_drift(ref, target, pairs, store, top_k, config.cache)
+            if tok is not None:
+                tokens[target.label] = tok
+        task_table = _task_vectors(ref, targets, matched, keep) if base is not None else None
+    table = pd.DataFrame(rows)
+    table["layer"] = table["layer"].astype("Int64")
+    if spectral:
+        table = _with_spectral_deltas(table, ref, targets, matched, config)
+    return CompareResult(ref.label, [t.label for t in targets], table, tokens, task_table, mismatch)
+
+
+def _token_drift(ref: Model, target: Model, pairs: list[tuple[str, str]], store: Store, top_k: int,
+                 use_cache: bool) -> dict[str, Any] | None:
+    names = dict(pairs)
+    embed = next((e.name for e in ref.anatomy.by_role("embed.token") if len(e.shape) == 2 and e.name in names), None)
+    if embed is None:
+        return None
+    ta, ha = ref.source.read(embed)
+    tb, hb = target.source.read(names[embed])
+    params = json.dumps({"top_k": top_k, "v": DRIFT_VERSION})
+    result = store.artifact(f"{ha}>{hb}", "token_drift", params) if use_cache else None
+    if result is None:
+        result = token_drift(ta, tb, top_k)
+        result.pop("per_token_cosine")
+        store.put_artifact(f"{ha}>{hb}", "token_drift", params, result)
+    vocab = Vocabulary(target.source.tokenizer_file or ref.source.tokenizer_file)
+    for key in ("most_drifted", "least_drifted"):
+        for tok in result[key]:
+            tok["text"] = vocab.text(tok["id"])
+    return {"name": embed, **result}
+
+
+def _task_vectors(base: Model, targets: list[Model], matched: dict[str, list[tuple[str, str]]],
+                  keep: float) -> pd.DataFrame:
+    common = set.intersection(*(set(x for x, _ in pairs) for pairs in matched.values()))
+    rows = []
+    for name in (n for n in base.anatomy.entries if n in common):
+        entry = base.anatomy.entries[name]
+        row: dict[str, Any] = {"name": name, "layer": entry.layer, "role": entry.role, "shape": _shape(entry.shape)}
+        try:
+            models = {t.label: t.source.read(dict(matched[t.label])[name])[0] for t in targets}
+            row.update(task_vector_stats(base.source.read(name)[0], models, keep))
+            row["error"] = ""
+        except LayerscopeError as exc:
+            row["error"] = f"unreadable: {exc}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["layer"] = table["layer"].astype("Int64")
+    return table
+
+
+def _with_spectral_deltas(table: pd.DataFrame, ref: Model, targets: list[Model],
+                          matched: dict[str, list[tuple[str, str]]], config: Config) -> pd.DataFrame:
+    """Add ``delta_<metric>`` (target − reference) for every spectral metric, from the store."""
+    from .metrics import select_metrics
+    from .pipeline import analyze
+
+    spectral = [m.name for m in select_metrics(config) if m.group == "spectral"]
+    if not spectral:
+        return table
+    metric_config = config.replace(metrics=tuple(spectral))
+    ref_table = analyze(ref.source, metric_config).table.set_index("name")
+    frames = []
+    for target in targets:
+        tgt_table = analyze(target.source, metric_config).table.set_index("name")
+        to_target = dict(matched[target.label])
+        part = table[table["model"] == target.label].copy()
+        names = [(n, target_row_name(n, to_target)) for n in part["name"]]
+        for metric in spectral:
+            part[f"delta_{metric}"] = [_delta(ref_table, tgt_table, a, b, metric) for a, b in names]
+        frames.append(part)
+    return pd.concat(frames, ignore_index=True)
+
+
+def target_row_name(row_name: str, to_target: dict[str, str]) -> str:
+    """The target's row name for a reference row name (``name`` or ``name[slice]``)."""
+    base, bracket, suffix = row_name.partition("[")
+    return to_target.get(base, base) + bracket + suffix
+
+
+def _delta(ref: pd.DataFrame, tgt: pd.DataFrame, ref_name: str, tgt_name: str, metric: str) -> float:
+    try:
+        after, before = float(tgt.at[tgt_name, metric]), float(ref.at[ref_name, metric])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+    if math.isinf(after) and math.isinf(before):
+        return math.nan if after == before else after - before
+    return after - before

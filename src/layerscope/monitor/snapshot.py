@@ -1,0 +1,105 @@
+"""Copies of a live model's weights that the training loop can take without waiting.
+
+On CUDA each slot is a set of pinned host buffers allocated once; a snapshot is a batch of
+``non_blocking`` copies on a side stream that first waits for the work already queued on the
+training stream. The training stream then waits (on the GPU, not the host) for the copies to
+finish before its next kernels, so an in-place optimizer step can never race a copy; the host
+thread never blocks. On the CPU a snapshot is a plain copy into the slot's buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..sources.module import unwrap
+
+
+def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point parameters of ``model`` (wrappers peeled, tied weights once, by first name)."""
+    inner = unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in inner.named_parameters(remove_duplicate=False):
+        if not p.is_floating_point() or id(p) in seen:
+            continue
+        seen.add(id(p))
+        out[name] = p
+    return out
+
+
+def snapshot_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class Snapshot:
+    """One step's weights on the host. ``wait()`` (called by the analysis thread) returns once
+    the copies have landed."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    slot: int
+    event: Any = None
+    taken_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class Snapshotter:
+    """A fixed number of slots of host buffers; a slot is busy from ``take`` until ``release``."""
+
+    def __init__(self, model: torch.nn.Module, slots: int):
+        self.model = model
+        self.slots = slots
+        self._buffers: list[dict[str, torch.Tensor] | None] = [None] * slots
+        self._free = list(range(slots))
+        self._stream = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return live_tensors(self.model)
+
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocated(self) -> bool:
+        return any(b is not None for b in self._buffers)
+
+    def take(self, step: int) -> Snapshot | None:
+        """Copy the weights into a free slot; None when every slot is busy."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        live = self.tensors()
+        buffers = self._buffers[slot]
+        if buffers is None or buffers.keys() != live.keys() or any(
+                buffers[n].shape != t.shape or buffers[n].dtype != t.dtype for n, t in live.items()):
+            buffers = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for n, t in live.items()}
+            self._buffers[slot] = buffers
+        event = None
+        with torch.no_grad():
+            cuda = [t for t in live.values() if t.is_cuda]
+            if cuda:
+                device = cuda[0].device
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(device=device)
+                train_stream = torch.cuda.current_stream(device)
+                self._stream.wait_stream(train_stream)
+                with torch.cuda.stream(self._stream):
+                    for n, t in live.items():
+                        buffers[n].copy_(t.detach(), non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                train_stream.wait_event(event)  # GPU-side: later in-place updates wait for the copies
+            else:
+                for n, t in live.items():
+                    buffers[n].copy_(t.detach())
+        return Snapshot(step, buffers, slot, event)
+
+    def release(self, snapshot: Snapshot) -> None:
+        self._free.append(snapshot.slot)
