@@ -37,6 +37,7 @@ eval_interval = 100  # also the checkpoint interval
 eval_iters = 20
 log_interval = 50
 monitor_every = 50  # layerscope snapshot interval (steps)
+monitor_when_full = "skip"  # when the previous snapshot is still being analysed: skip (and count) or block
 batch_size = 16
 block_size = 64
 n_layer = 4
@@ -123,7 +124,7 @@ def train() -> dict:
     # -- layerscope: the whole integration is these lines -------------------------------------
     monitor = layerscope.Monitor(model, every=monitor_every,
                                  sinks=[s for s in sinks.split(",") if s and s != "jsonl"]
-                                 + [f"jsonl:{out_dir}/monitor.jsonl"])
+                                 + [f"jsonl:{out_dir}/monitor.jsonl"], when_full=monitor_when_full)
 
     history, checkpoints = [], []
     started = time.perf_counter()

@@ -78,7 +78,8 @@ def trained_run(tmp_path_factory) -> dict:
     import train_gpt
 
     out = tmp_path_factory.mktemp("trained-run")
-    settings = dict(TRAINED_RUN_SETTINGS, out_dir=str(out), quiet=True, sinks=f"store:{out / 'monitor.sqlite'}")
+    settings = dict(TRAINED_RUN_SETTINGS, out_dir=str(out), quiet=True, sinks=f"store:{out / 'monitor.sqlite'}",
+                    monitor_when_full="block")  # every scheduled step, however busy the test machine is
     saved = {k: getattr(train_gpt, k) for k in settings}
     train_gpt.configure([f"--{k}={v}" for k, v in settings.items()])
     try:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..config import Config
 from ..drift import pair_norms
@@ -194,6 +195,13 @@ class Monitor:
 
     # -- background side ----------------------------------------------------------------------
     def _work(self) -> None:
+        try:
+            self._work_loop()
+        except BaseException as exc:  # the worker dies, training does not: submit() notices and skips
+            self.stats.errors += 1
+            log.error("layerscope monitor: worker stopped: %s: %s", type(exc).__name__, exc)
+
+    def _work_loop(self) -> None:
         if self.low_priority:
             _lower_thread_priority()
         while True:
@@ -202,7 +210,10 @@ class Monitor:
                 return
             try:
                 snap.wait()
-                record = self._analyse(snap)
+                # NumPy's BLAS pool threads were started by the main thread at normal priority:
+                # run BLAS in this (niced) thread instead. Training uses torch's own threads.
+                with threadpool_limits(limits=1, user_api="blas"):
+                    record = self._analyse(snap)
             except Exception as exc:
                 self._error(f"analysis of step {snap.step} failed: {type(exc).__name__}: {exc}")
                 record = None
@@ -336,7 +347,7 @@ def _total_memory() -> float:
 def _lower_thread_priority() -> None:
     """Nice this thread (Linux threads have their own nice value; threads it starts inherit it)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError, PermissionError):
         pass
 
