@@ -127,7 +127,7 @@ def test_clusters_are_seeded_and_decoded(tmp_path):
     assert [s["k"] for s in a["scores"]] == [2, 4, 8]
     assert sum(c["size"] for c in a["clusters"]) == 30522
     assert all(isinstance(t, str) and t for c in a["clusters"] for t in c["text"])
-    best = max(a["scores"], key=lambda s: s["calinski_harabasz"])["k"]
+    best = max(a["scores"], key=lambda s: s["silhouette"])["k"]  # the default selection
     assert a["chosen_k"] == best
 
 

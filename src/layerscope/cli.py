@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(cl)
     cl.add_argument("--k-range", default="2..64", help="range of k, searched on a log grid (default 2..64)")
     cl.add_argument("--k-values", help="explicit comma-separated k values instead of --k-range")
-    cl.add_argument("--select-by", default="calinski_harabasz", choices=["calinski_harabasz", "silhouette", "elbow"],
-                    help="how k is chosen (default calinski_harabasz)")
+    cl.add_argument("--select-by", default="silhouette", choices=["calinski_harabasz", "silhouette", "elbow"],
+                    help="how k is chosen (default silhouette, on a seeded sample of 5000 rows)")
     cl.add_argument("--matrix", default="embed.token", choices=["embed.token", "embed.position", "lm_head"],
                     help="which matrix to cluster (position embeddings are always clustered on their own)")
     cl.add_argument("--out", help="write the clusters as JSON")
@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--metrics", help="metrics to compute (names or groups; default all)")
     tr.add_argument("--procrustes", action="store_true", help="also the Procrustes-aligned cosine of each step's drift")
     _add_store(tr)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report (and Markdown) of one or more models")
+    rp.add_argument("paths", nargs="+", metavar="PATH", help="checkpoints; several give a side-by-side comparison")
+    rp.add_argument("--out", default="layerscope-report/report.html", help="HTML file (default layerscope-report/report.html)")
+    rp.add_argument("--md", help="also write Markdown here, with its PNGs in a folder beside it")
+    rp.add_argument("--embeddings", action="store_true", help="compute the embedding geometry if not stored yet")
+    rp.add_argument("--clusters", action="store_true", help="compute the token clusters if not stored yet")
+    _add_store(rp)
+
+    rn = sub.add_parser("run", help="the whole analysis (info, analyze, heads, embeddings, clusters) and the report")
+    _add_common(rn)
+    rn.add_argument("--out", default="layerscope-out", help="output folder (default layerscope-out)")
+    rn.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters")
+    _add_store(rn)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
@@ -346,6 +361,30 @@ def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from .report import report
+
+    with _LazyProgress("report") as progress:
+        result = report(args.paths, _config(args), out=args.out, markdown=args.md,
+                        embeddings=True if args.embeddings else None, clusters=True if args.clusters else None,
+                        progress=progress.update)
+    console.print(f"wrote {result.html}" + (f" and {result.markdown}" if result.markdown else "")
+                  + f" in {result.seconds:.1f} s")
+    return 1 if any(m.analysis.unreadable for m in result.models) else 0
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from .run import run
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"embeddings", "clusters"}
+    if unknown:
+        raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters)")
+    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console)
+    console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all)")
+    return 1 if any(m.analysis.unreadable for m in result.models) else 0
+
+
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -362,7 +401,8 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
-            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "metrics": cmd_metrics}
+            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run,
+            "metrics": cmd_metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

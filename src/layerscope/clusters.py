@@ -66,7 +66,7 @@ SELECTIONS = ("calinski_harabasz", "silhouette", "elbow")
 
 
 def cluster_rows(x: torch.Tensor, ks: Sequence[int], seed: int = 0, silhouette_sample: int = 5000,
-                 representatives: int = 8, selection: str = "calinski_harabasz",
+                 representatives: int = 8, selection: str = "silhouette",
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """k-means over ``ks`` on the normalised rows of ``x``; the chosen clustering with its members."""
     from sklearn.metrics import calinski_harabasz_score, silhouette_score
@@ -123,9 +123,11 @@ class ClustersResult:
 
 def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, int] = (2, 64),
              k_values: Sequence[int] | None = None, roles: Sequence[str] = ("embed.token",),
-             representatives: int = 8, selection: str = "calinski_harabasz", revision: str | None = None,
-             progress: Callable[[str, int, int], None] | None = None, **overrides: Any) -> ClustersResult:
-    """Token clusters of each requested embedding matrix (``embed.token`` by default)."""
+             representatives: int = 8, selection: str = "silhouette", revision: str | None = None,
+             progress: Callable[[str, int, int], None] | None = None, cached_only: bool = False,
+             **overrides: Any) -> ClustersResult:
+    """Token clusters of each requested embedding matrix (``embed.token`` by default);
+    ``cached_only``: only what the store already holds."""
     config = (config or Config()).replace(**overrides)
     src = open_source(source, revision)
     anatomy = build_anatomy(src.infos, src.config)
@@ -146,6 +148,8 @@ def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, i
             if not x.dtype.is_floating_point or not bool(torch.isfinite(x).all()):
                 raise LayerscopeError(f"{src.label}: {entry.name} is not a finite floating-point matrix")
             result = store.artifact(digest, "clusters", params) if config.cache else None
+            if result is None and cached_only:
+                continue
             if result is None:
                 cb = (lambda done, total, _r=role: progress(_r, done, total)) if progress else None
                 result = cluster_rows(x, ks, config.seed, representatives=representatives, selection=selection,

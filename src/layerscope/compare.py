@@ -45,9 +45,15 @@ class Model:
         return cls(src, build_anatomy(src.infos, src.config), label or short_label(src))
 
 
+GENERIC_NAMES = {"model", "models", "weights", "checkpoint", "snapshot", "hf", "final"}
+
+
 def short_label(source: Source) -> str:
+    """A readable name: the file stem or folder name (the parent's, when that name is generic)."""
     path = Path(source.label)
     name = path.stem if path.suffix in (".pt", ".bin", ".safetensors", ".pth", ".ckpt") else path.name
+    if name.lower() in GENERIC_NAMES and path.parent.name:
+        name = path.parent.name
     return name or source.label
 
 

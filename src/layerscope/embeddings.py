@@ -252,8 +252,12 @@ def embedding_entries(anatomy: Anatomy, source: Source):
 
 def embeddings(source: Any, config: Config | None = None, *, options: GeometryOptions = GeometryOptions(),
                tokens: list[str] | None = None, revision: str | None = None,
-               progress: Callable[[str, int, int], None] | None = None, **overrides: Any) -> EmbeddingsResult:
-    """Cosine geometry of the token embedding and (when untied) of the lm_head."""
+               progress: Callable[[str, int, int], None] | None = None, cached_only: bool = False,
+               **overrides: Any) -> EmbeddingsResult:
+    """Cosine geometry of the token embedding and (when untied) of the lm_head.
+
+    ``cached_only``: return only what the store already holds (the report shows a section for an
+    analysis that has been run, without running it)."""
     config = (config or Config()).replace(**overrides)
     src = open_source(source, revision)
     anatomy = build_anatomy(src.infos, src.config)
@@ -266,6 +270,8 @@ def embeddings(source: Any, config: Config | None = None, *, options: GeometryOp
             if out and any(r.get("content_hash") == digest for r in out.values()):
                 continue  # an lm_head identical to the embedding is the same geometry
             geometry = store.artifact(digest, "embeddings", options.key()) if config.cache else None
+            if geometry is None and cached_only:
+                continue
             if geometry is None:
                 cb = (lambda done, total, _n=entry.name: progress(_n, done, total)) if progress else None
                 geometry = cosine_geometry(x, options, config.device, cb)

@@ -205,3 +205,30 @@ def metric_over_steps(table: pd.DataFrame, metric: str, directory: str | Path, t
         fig.colorbar(sm, ax=axes.ravel().tolist(), label="layer", shrink=0.8)
     fig.suptitle(title or f"{metric} over training, per weight type and layer")
     return _save(fig, Path(directory) / f"trajectory_{metric}.png")
+
+
+def metric_by_layer(tables: dict[str, pd.DataFrame], metric: str, directory: str | Path, label: str) -> Path:
+    """``metric`` against layer, one line per weight type (fixed colours); one panel per model."""
+    from .report.depth import layer_series, layered_roles
+
+    plt = _plt()
+    n = len(tables)
+    fig, axes = plt.subplots(1, n, figsize=(max(7.0, 5.2 * n), 4.4), squeeze=False, sharey=True, layout="constrained")
+    all_roles = list(dict.fromkeys(r for t in tables.values() for r in layered_roles(t)))
+    colours = _role_colours(all_roles)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        for role in layered_roles(table):
+            s = layer_series(table, role, metric)
+            if len(s):
+                ax.plot(s.index, s.values, marker="o", ms=3.5, lw=1.6, color=colours[role], label=role)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if n > 1:
+            ax.set_title(name, fontsize=10)
+    axes[0][0].set_ylabel(label)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", fontsize=9, title="weight type")
+    fig.suptitle(f"{label} by layer")
+    return _save(fig, Path(directory) / f"depth_{metric}.png")

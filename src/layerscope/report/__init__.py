@@ -1,0 +1,5 @@
+"""Reports a person reads: one self-contained HTML file and the same content as Markdown."""
+
+from .build import ModelData, Report, collect, report
+
+__all__ = ["ModelData", "Report", "collect", "report"]

@@ -1,0 +1,383 @@
+"""Gather every analysis of one or more models (from the store, computing what is missing) and
+lay it out as a report: model card, metrics through depth per weight type, phases, outliers,
+heads, MLP spectra, embedding geometry, clusters, and side-by-side comparison and drift."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..config import Config
+from ..errors import LayerscopeError
+from . import depth
+from .document import Document, Figure, Gallery, Items, Section, TableBlock, Text, to_html, to_markdown
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ModelData:
+    """Everything the report shows about one model; analyses that were not run are None."""
+
+    label: str
+    analysis: Any  # AnalysisResult
+    heads: Any = None  # HeadsResult
+    mlp: pd.DataFrame | None = None
+    embeddings: Any = None  # EmbeddingsResult
+    clusters: Any = None  # ClustersResult
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.analysis.table
+
+
+def collect(path: Any, config: Config, *, embeddings: bool | None = None, clusters: bool | None = None,
+            progress: Progress | None = None, label: str | None = None) -> ModelData:
+    """Run (or read from the store) what the report needs. ``embeddings``/``clusters``: True to
+    compute, None to include only if stored, False to leave out. Heads and MLP spectra are cheap
+    and always included when the model has them."""
+    from ..clusters import clusters as run_clusters
+    from ..compare import short_label
+    from ..embeddings import embeddings as run_embeddings
+    from ..heads import heads as run_heads
+    from ..mlp import mlp_down_spectra
+    from ..pipeline import analyze
+    from ..sources import open_source
+
+    source = open_source(path)
+    analysis = analyze(source, config, progress=(lambda d, t, n: progress("analyze", d, t)) if progress else None)
+    data = ModelData(label or short_label(source), analysis)
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("heads", lambda: run_heads(source, config, progress=(lambda d, t, n: progress("heads", d, t)) if progress else None)),
+        ("mlp", lambda: mlp_down_spectra(source, config)),
+    ]
+    if embeddings is not False:
+        steps.append(("embeddings", lambda: _nonempty(run_embeddings(
+            source, config, cached_only=not embeddings,
+            progress=(lambda n, d, t: progress("embeddings", d, t)) if progress else None))))
+    if clusters is not False:
+        steps.append(("clusters", lambda: _nonempty(run_clusters(
+            source, config, cached_only=not clusters,
+            progress=(lambda n, d, t: progress("clusters", d, t)) if progress else None))))
+    for name, step in steps:
+        try:
+            setattr(data, name, step())
+        except LayerscopeError as exc:  # e.g. no attention layers, no embedding: the section is left out
+            data.notes.append(f"{name}: {exc}")
+        if progress:
+            progress(name, 1, 1)
+    return data
+
+
+def _nonempty(result: Any) -> Any:
+    return result if result is not None and result.matrices else None
+
+
+# -- sections --------------------------------------------------------------------------------------
+def _card(models: list[ModelData]) -> pd.DataFrame:
+    rows: dict[str, list[Any]] = {}
+
+    def add(key: str, values: list[Any]) -> None:
+        rows[key] = values
+
+    a = [m.analysis for m in models]
+    add("source", [r.source.label for r in a])
+    add("format", [r.source.format for r in a])
+    add("revision", [r.source.revision or "—" for r in a])
+    add("architecture family", [r.anatomy.family for r in a])
+    for key, label in (("n_layers", "layers"), ("d_model", "d_model"), ("n_heads", "attention heads"),
+                       ("n_kv_heads", "key/value heads"), ("head_dim", "head dim"), ("d_ff", "MLP width"),
+                       ("vocab_size", "vocabulary")):
+        add(label, [getattr(r.anatomy.dims, key, None) for r in a])
+    add("parameters", [f"{r.anatomy.parameter_count:,}" for r in a])
+    add("tensors", [len(r.anatomy.entries) for r in a])
+    add("dtypes", [", ".join(f"{k} ×{v}" for k, v in r.anatomy.dtype_counts().items()) for r in a])
+    add("tied embeddings", ["unknown" if r.anatomy.tied_embeddings is None else r.anatomy.tied_embeddings for r in a])
+    add("step", [r.source.step if r.source.step is not None else "—" for r in a])
+    frame = pd.DataFrame(rows, index=[m.label for m in models]).T.reset_index()
+    return frame.rename(columns={"index": "property"})
+
+
+def _stats_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    rows = []
+    for role in depth.layered_roles(table):
+        s = depth.series_stats(depth.layer_series(table, role, metric))
+        if s:
+            rows.append({"weight type": role, **s})
+    return pd.DataFrame(rows)
+
+
+def _findings(models: list[ModelData]) -> list[str]:
+    """A few sentences a reader should not miss."""
+    out = []
+    for m in models:
+        t = m.table
+        prefix = f"{m.label}: " if len(models) > 1 else ""
+        mats = t[t["shape"].astype(str).str.contains("×")]
+        out.append(f"{prefix}{len(mats)} matrices analysed ({m.analysis.computed} computed, {m.analysis.cached} "
+                   f"from the store), {int((t['error'].astype(str) != '').sum())} with notes.")
+        phases = depth.phase_table(t, {"entropy_rank": "", "alpha": ""})
+        for metric in ("entropy_rank", "alpha"):
+            sub = phases[phases["metric"] == metric] if len(phases) else phases
+            shapes = sub.groupby("shape")["role"].apply(list).to_dict() if len(sub) else {}
+            if shapes:
+                described = "; ".join(f"{shape}: {', '.join(roles)}" for shape, roles in shapes.items())
+                out.append(f"{prefix}{metric} through depth — {described}.")
+        outl = depth.outliers(t)
+        if len(outl):
+            top = outl.iloc[0]
+            out.append(f"{prefix}{len(outl)} outlier value{'s' if len(outl) > 1 else ''}; the strongest: "
+                       f"{top['why']} ({top['name']}).")
+        if "alpha" in mats and mats["alpha"].notna().any():
+            heavy = mats[mats["alpha"] < 2]
+            if len(heavy):
+                out.append(f"{prefix}{len(heavy)} {'matrices have' if len(heavy) > 1 else 'matrix has'} α < 2 (very heavy-tailed spectra, often over-trained "
+                           f"or correlated weights): {', '.join(heavy['name'].head(4))}{' …' if len(heavy) > 4 else ''}.")
+    return out
+
+
+def build_document(models: list[ModelData], figures: Path, compare_result: Any = None) -> Document:
+    from .. import plots
+
+    figures.mkdir(parents=True, exist_ok=True)
+    many = len(models) > 1
+    sections: list[Section] = []
+    sections.append(Section("Model card", [TableBlock(_card(models))]))
+    sections.append(Section("Key findings", [Items(_findings(models))]))
+
+    # metrics through depth, per weight type
+    intro = Section("Metrics through depth, per weight type", [Text(
+        "Each line is one weight type (q, k, v, o, gate, up, down, …) and each point one layer; experts and "
+        "fused slices of a layer are averaged. Colours are the same in every figure. The tables give, per weight "
+        "type, the statistics of the metric over layers (cv: coefficient of variation std/|mean|).")])
+    sections.append(intro)
+    tables = {m.label: m.table for m in models}
+    for metric, label in depth.DEPTH_METRICS.items():
+        if not any(metric in t and t[metric].notna().any() for t in tables.values()):
+            continue
+        sec = Section(label, level=3)
+        path = plots.metric_by_layer(tables, metric, figures, label)
+        sec.blocks.append(Figure(path, f"{label} by layer" + (" — one panel per model" if many else "")))
+        for m in models:
+            frame = _stats_frame(m.table, metric)
+            if len(frame):
+                sec.blocks.append(TableBlock(frame, f"{metric} over layers" + (f" — {m.label}" if many else "")))
+        sections.append(sec)
+
+    # phases and outliers
+    phase = Section("Phase analysis: early, middle and late layers", [Text(depth.SHAPE_RULE)])
+    for m in models:
+        frame = depth.phase_table(m.table)
+        if len(frame):
+            phase.blocks.append(TableBlock(frame, "thirds' means, shape, largest layer-over-layer changes"
+                                           + (f" — {m.label}" if many else ""), max_rows=80))
+        else:
+            phase.blocks.append(Text("Fewer than three layers: no phases to compare."))
+    sections.append(phase)
+    outl = Section("Outlier matrices", [Text(depth.OUTLIER_RULE)])
+    for m in models:
+        frame = depth.outliers(m.table)
+        cols = ["name", "metric", "robust z", "why"]
+        if len(frame):
+            outl.blocks.append(TableBlock(frame[cols], f"{len(frame)} outlier values" + (f" — {m.label}" if many else "")))
+        else:
+            outl.blocks.append(Text(f"{m.label + ': ' if many else ''}no matrix is an outlier by this rule."))
+    sections.append(outl)
+
+    for m in models:
+        suffix = f" — {m.label}" if many else ""
+        if m.heads is not None:
+            sections.append(_heads_section(m, figures, suffix))
+        if m.mlp is not None and len(m.mlp):
+            curves = [(f"layer {int(r.layer)}", np.asarray(r.explained_variance)) for r in m.mlp.itertuples()]
+            path = plots.explained_variance_curves(curves, figures / _slug(m.label))
+            kappa = m.mlp[["layer", "name", "condition_number"]]
+            sections.append(Section("MLP down-projection spectra" + suffix, [
+                Text("Cumulative share of Σσ² captured by the top singular values of each layer's down-projection: "
+                     "a curve that rises steeply means a few directions carry the layer's output."),
+                Figure(path, "cumulative explained variance per layer"), TableBlock(kappa, "condition numbers")]))
+        if m.embeddings is not None:
+            sections.append(_embeddings_section(m, figures, suffix))
+        if m.clusters is not None:
+            sections.append(_clusters_section(m, figures, suffix))
+    if many:
+        sections.append(_comparison_section(models, figures, compare_result))
+    for m in models:
+        if m.notes:
+            sections.append(Section("Notes" + (f" — {m.label}" if many else ""), [Items(m.notes)]))
+    title = "layerscope report: " + ", ".join(m.label for m in models)
+    subtitle = f"Generated by layerscope {__version__} on {time.strftime('%Y-%m-%d %H:%M')} from " + \
+        "; ".join(m.analysis.source.label for m in models)
+    return Document(title, subtitle, sections)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def _heads_section(m: ModelData, figures: Path, suffix: str) -> Section:
+    from .. import plots
+
+    h = m.heads
+    d = h.anatomy.dims
+    sec = Section("Attention heads" + suffix, [Text(
+        f"{d.n_heads} query heads and {d.n_kv_heads} key/value heads of dimension {d.head_dim} per layer. QK circuit "
+        "W_Qᵀ W_K (where a head looks) and OV circuit W_O W_V (what it writes), computed in factored form. "
+        "A copying head has an OV circuit with mostly positive eigenvalues.")])
+    paths = plots.head_heatmaps(h.table, figures / _slug(m.label), m.label)
+    shown = [p for key in ("qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score")
+             for p in paths if p.stem.endswith(key)]
+    sec.blocks.append(Gallery([Figure(p, p.stem.replace("heads_", "").replace("_", " ") + " (layer × head)")
+                               for p in shown]))
+    lo, hi = h.thresholds
+    show = lambda heads: ", ".join(f"{a}.{b}" for a, b in heads[:48]) + (" …" if len(heads) > 48 else "")  # noqa: E731
+    sec.blocks.append(Items([f"low-rank heads (QK effective rank ≤ {lo:.3g}, layer.head): {show(h.low_rank) or 'none'}",
+                             f"high-rank heads (QK effective rank ≥ {hi:.3g}): {show(h.high_rank) or 'none'}"]))
+    means = h.table.groupby("layer")[["qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score"]].mean()
+    sec.blocks.append(TableBlock(means.reset_index(), "per-layer means over heads"))
+    return sec
+
+
+def _embeddings_section(m: ModelData, figures: Path, suffix: str) -> Section:
+    from .. import plots
+
+    sec = Section("Embedding geometry" + suffix, [Text(
+        "Exact cosine similarity over all pairs of token embeddings (streamed, never a V × V matrix). A mean far "
+        "above 0 means the embeddings share a common direction (anisotropy); hubs are tokens close to many others.")])
+    for role, g in m.embeddings.matrices.items():
+        path = plots.cosine_histogram(g, figures / _slug(m.label), role)
+        thr = g["threshold"]
+        rows = [("matrix", f"{g['name']} ({g['vocab_size']:,} × {g['dim']})"),
+                ("pairs", f"{g['pairs']:,}" + (" (sampled estimate)" if g.get("method") == "sample" else " (all, exact)")),
+                ("cosine mean ± std", f"{g['mean']:.4f} ± {g['std']:.4f}"),
+                ("percentiles", ", ".join(f"{k}: {depth_fmt(v)}" for k, v in g.get("percentiles", {}).items())),
+                ("isotropy ‖mean row‖ / mean ‖row‖", f"{g['isotropy']['mean_vector_norm_over_mean_norm']:.4f}"),
+                ("row norms", f"mean {g['norms']['mean']:.4g}, min {g['norms']['min']:.4g}, max {g['norms']['max']:.4g}")]
+        if "neighbors_per_token" in thr:
+            rows.append((f"pairs with cosine > {thr['value']}", f"{thr['pairs_above']:,}"))
+            rows.append(("top hub tokens", ", ".join(f"{h.get('text', h['id'])!r} ({h['neighbors']})"
+                                                     for h in thr["top_hubs"][:10])))
+        sec.blocks.append(TableBlock(pd.DataFrame(rows, columns=["", role])))
+        sec.blocks.append(Figure(path, f"all-pairs cosine similarity of {role}"))
+    return sec
+
+
+def depth_fmt(v: Any) -> str:
+    return "out of range" if v is None else f"{v:.3f}"
+
+
+def _clusters_section(m: ModelData, figures: Path, suffix: str) -> Section:
+    from .. import plots
+
+    sec = Section("Token clusters" + suffix)
+    for role, r in m.clusters.matrices.items():
+        scores = pd.DataFrame(r["scores"])
+        sec.blocks.append(Text(f"{r['name']}: k-means over k in {', '.join(map(str, r['k_candidates']))}; k = "
+                               f"{r['chosen_k']} chosen by {r['selection'].replace('_', '-')} (the elbow of the "
+                               f"inertia is at k = {r['elbow_k']}). Each cluster is shown by the tokens nearest its centre."))
+        sec.blocks.append(Figure(plots.selection_curve(scores, r["chosen_k"], figures / _slug(m.label), role),
+                                 "choosing k: Calinski–Harabasz, silhouette and inertia"))
+        rows = [{"cluster": c["cluster"], "size": c["size"], "tokens nearest the centre": ", ".join(repr(t) for t in c["text"])}
+                for c in r["clusters"]]
+        sec.blocks.append(TableBlock(pd.DataFrame(rows), f"{len(rows)} clusters, largest first", max_rows=40))
+    return sec
+
+
+def _comparison_section(models: list[ModelData], figures: Path, compare_result: Any) -> Section:
+    from .. import plots
+
+    sec = Section("Comparison", [Text("Mean of each metric over the matrices of each weight type, per model.")])
+    rows = []
+    for m in models:
+        mats = m.table[m.table["shape"].astype(str).str.contains("×")]
+        for role, g in mats.groupby("role"):
+            rows.append({"model": m.label, "weight type": role, "matrices": len(g),
+                         **{k: float(pd.to_numeric(g[k], errors="coerce").replace([np.inf, -np.inf], np.nan).mean())
+                            for k in depth.DEPTH_METRICS if k in g}})
+    sec.blocks.append(TableBlock(pd.DataFrame(rows), "side by side", max_rows=120))
+    if compare_result is None:
+        sec.blocks.append(Text("The models do not share an architecture, so no drift is computed."))
+        return sec
+    sec.blocks.append(Text(f"Drift from {compare_result.reference} (relative change ‖B − A‖/‖A‖, and the cosine "
+                           "after the orthogonal Procrustes rotation that best aligns A to B)."))
+    for label in compare_result.models:
+        rows = compare_result.table[compare_result.table["model"] == label]
+        sec.blocks.append(Figure(plots.drift_by_layer(rows, figures / f"drift_{_slug(label)}",
+                                                      f"drift {compare_result.reference} → {label}"),
+                                 f"drift {compare_result.reference} → {label} by layer"))
+        mats = rows[rows["shape"].astype(str).str.contains("×")].sort_values("rel_change", ascending=False)
+        sec.blocks.append(TableBlock(mats[["name", "role", "rel_change", "cosine", "procrustes_cosine"]].head(12),
+                                     f"most changed matrices, {label}"))
+        tok = compare_result.tokens.get(label)
+        if tok:
+            sec.blocks.append(Items([
+                f"token drift after alignment ({tok['tokens']:,} tokens): mean cosine {tok['mean_cosine']:.4f}, "
+                f"median {tok['median_cosine']:.4f}, 10th percentile {tok['p10_cosine']:.4f}",
+                "most drifted: " + ", ".join(f"{t['text']!r} ({t['cosine']:.2f})" for t in tok["most_drifted"][:12]),
+                "least drifted: " + ", ".join(f"{t['text']!r} ({t['cosine']:.2f})" for t in tok["least_drifted"][:12]),
+            ]))
+    if compare_result.mismatch:
+        sec.blocks.append(Items([f"{label}: {p}" for label, ps in compare_result.mismatch.items() for p in ps]))
+    return sec
+
+
+# -- the report ------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    html: Path
+    markdown: Path | None
+    figures: Path
+    models: list[ModelData]
+    seconds: float
+
+
+def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Path = "layerscope-report/report.html",
+           markdown: str | Path | None = None, embeddings: bool | None = None, clusters: bool | None = None,
+           progress: Progress | None = None, models: list[ModelData] | None = None) -> Report:
+    """Write the HTML report (and Markdown with PNGs beside it when ``markdown`` is given).
+
+    ``embeddings``/``clusters``: True computes them, None includes them only when already stored."""
+    from ..compare import compare
+
+    started = time.perf_counter()
+    config = config or Config()
+    if not paths and not models:
+        raise LayerscopeError("report needs at least one checkpoint")
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise LayerscopeError(f"--out must be an .html file, got {out}")
+    md = Path(markdown) if markdown else None
+    if md is not None and md.suffix.lower() != ".md":
+        raise LayerscopeError(f"--md must be a .md file, got {md}")
+    models = models or [collect(p, config, embeddings=embeddings, clusters=clusters, progress=progress) for p in paths]
+    _unique_labels(models)
+    figures = (md.parent if md else out.parent) / f"{(md or out).stem}_figures"
+    comparison = None
+    if len(models) > 1 and len({m.analysis.anatomy.family for m in models}) == 1:
+        try:
+            comparison = compare(*[m.analysis.source for m in models], config=config, spectral=False)
+        except LayerscopeError:
+            comparison = None
+    doc = build_document(models, figures, comparison)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_html(doc), encoding="utf-8")
+    if md is not None:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(to_markdown(doc, md.parent), encoding="utf-8")
+    return Report(out, md, figures, models, time.perf_counter() - started)
+
+
+def _unique_labels(models: list[ModelData]) -> None:
+    seen: dict[str, int] = {}
+    for m in models:
+        seen[m.label] = seen.get(m.label, 0) + 1
+        if seen[m.label] > 1:
+            m.label = f"{m.label}#{seen[m.label]}"
+

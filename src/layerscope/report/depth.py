@@ -1,0 +1,167 @@
+"""How a metric evolves through depth: statistics, phases, shape, jumps and outliers.
+
+Each function takes the analysis table (one row per matrix) and works per weight type (role),
+averaging over experts and slices of one layer first, so a "series" is one value per layer.
+The rules are stated in the text of the report (``SHAPE_RULE``, ``OUTLIER_RULE``), so a reader
+can check a verdict by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+#: Metrics whose depth profile the report draws and tabulates, with their readable names.
+DEPTH_METRICS = {
+    "entropy_rank": "effective rank (entropy)",
+    "energy_rank_99_ratio": "energy rank 99% / full rank",
+    "stable_rank": "stable rank ‖W‖²_F / σ²_max",
+    "alpha": "power-law exponent α (heavy tail)",
+    "spectral_norm": "spectral norm σ_max",
+}
+
+FLAT_TOLERANCE = 0.05
+SHAPE_RULE = (
+    "Layers are split into early, middle and late thirds and each third's mean is compared. "
+    f"Flat: the three means differ by less than {FLAT_TOLERANCE:.0%} of the metric's mean absolute value. "
+    "Otherwise increasing (early < middle < late), decreasing (early > middle > late), "
+    "U-shaped (middle below both ends), inverted U (middle above both ends)."
+)
+OUTLIER_Z = 3.5
+OUTLIER_RULE = (
+    "Robust z-score z = 0.6745 · (x − median) / MAD within each weight type and metric "
+    f"(Iglewicz & Hoaglin); a matrix is an outlier when |z| > {OUTLIER_Z}."
+)
+
+
+def layer_series(table: pd.DataFrame, role: str, metric: str) -> pd.Series:
+    """``metric`` of ``role`` by layer (mean over experts and duplicate rows), NaN-free, sorted."""
+    rows = table[(table["role"] == role) & table["layer"].notna()]
+    if metric not in rows or rows.empty:
+        return pd.Series(dtype=float)
+    values = pd.to_numeric(rows[metric], errors="coerce").replace([np.inf, -np.inf], np.nan)
+    series = values.groupby(rows["layer"].astype(int)).mean().dropna()
+    return series.sort_index()
+
+
+def layered_roles(table: pd.DataFrame) -> list[str]:
+    """Weight types present in at least two layers, in the usual order (q, k, v, o, gate, up, down, ...)."""
+    from ..views import MATRIX_ROLE_ORDER
+
+    rows = table[table["layer"].notna() & table["shape"].astype(str).str.contains("×")]
+    counts = rows.groupby("role")["layer"].nunique()
+    present = [r for r in counts.index if counts[r] >= 2]
+    return [r for r in MATRIX_ROLE_ORDER if r in present] + sorted(r for r in present if r not in MATRIX_ROLE_ORDER)
+
+
+def series_stats(series: pd.Series) -> dict[str, float]:
+    """min, max, mean, median, std, range, first and last layer's value, variance, coefficient of variation."""
+    x = series.to_numpy(dtype=float)
+    if x.size == 0:
+        return {}
+    mean = float(x.mean())
+    std = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    return {
+        "min": float(x.min()), "max": float(x.max()), "mean": mean, "median": float(np.median(x)), "std": std,
+        "range": float(x.max() - x.min()), "first": float(x[0]), "last": float(x[-1]),
+        "variance": std ** 2, "cv": std / abs(mean) if mean else math.nan,
+    }
+
+
+def thirds(series: pd.Series) -> tuple[float, float, float]:
+    """Means of the early, middle and late thirds of the layers (the middle gets the remainder)."""
+    x = series.to_numpy(dtype=float)
+    n = len(x)
+    k = max(1, n // 3)
+    return float(x[:k].mean()), float(x[k:n - k].mean()) if n - 2 * k > 0 else math.nan, float(x[n - k:].mean())
+
+
+def classify_shape(series: pd.Series) -> str:
+    """increasing, decreasing, U-shaped, inverted U, flat or mixed (see ``SHAPE_RULE``); '' under 3 layers."""
+    if len(series) < 3:
+        return ""
+    early, middle, late = thirds(series)
+    scale = float(np.abs(series.to_numpy(dtype=float)).mean())
+    if max(early, middle, late) - min(early, middle, late) < FLAT_TOLERANCE * scale:
+        return "flat"
+    if early < middle < late:
+        return "increasing"
+    if early > middle > late:
+        return "decreasing"
+    if middle < early and middle < late:
+        return "U-shaped"
+    if middle > early and middle > late:
+        return "inverted U"
+    return "mixed"
+
+
+def largest_steps(series: pd.Series) -> dict[str, tuple[int, int, float] | None]:
+    """The largest layer-over-layer drop and jump, as (from layer, to layer, change)."""
+    if len(series) < 2:
+        return {"drop": None, "jump": None}
+    layers = list(series.index)
+    diffs = np.diff(series.to_numpy(dtype=float))
+    i, j = int(np.argmin(diffs)), int(np.argmax(diffs))
+    return {"drop": (layers[i], layers[i + 1], float(diffs[i])) if diffs[i] < 0 else None,
+            "jump": (layers[j], layers[j + 1], float(diffs[j])) if diffs[j] > 0 else None}
+
+
+def phase_table(table: pd.DataFrame, metrics: dict[str, str] = DEPTH_METRICS) -> pd.DataFrame:
+    """Per weight type and metric: the thirds' means, the shape, the largest drop and jump."""
+    rows = []
+    for metric in metrics:
+        for role in layered_roles(table):
+            s = layer_series(table, role, metric)
+            if len(s) < 3:
+                continue
+            early, middle, late = thirds(s)
+            steps = largest_steps(s)
+            rows.append({
+                "metric": metric, "role": role, "early": early, "middle": middle, "late": late,
+                "shape": classify_shape(s),
+                "largest drop": _step_text(steps["drop"]), "largest jump": _step_text(steps["jump"]),
+            })
+    return pd.DataFrame(rows)
+
+
+def _step_text(step: tuple[int, int, float] | None) -> str:
+    return "" if step is None else f"{step[2]:+.3g} (layer {step[0]} → {step[1]})"
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """0.6745 (x − median) / MAD; zeros where MAD is 0 and x equals the median, ±inf where it does not."""
+    med = np.median(values)
+    mad = np.median(np.abs(values - med))
+    dev = values - med
+    if mad == 0:
+        return np.where(dev == 0, 0.0, np.sign(dev) * np.inf)
+    return 0.6745 * dev / mad
+
+
+def outliers(table: pd.DataFrame, metrics: dict[str, str] = DEPTH_METRICS, z_limit: float = OUTLIER_Z,
+             min_group: int = 4) -> pd.DataFrame:
+    """Matrices whose metric sits far from the rest of their weight type (see ``OUTLIER_RULE``)."""
+    mats = table[table["shape"].astype(str).str.contains("×")]
+    out = []
+    for metric in metrics:
+        if metric not in mats:
+            continue
+        for role, group in mats.groupby("role"):
+            values = pd.to_numeric(group[metric], errors="coerce").replace([np.inf, -np.inf], np.nan).dropna()
+            if len(values) < min_group:
+                continue
+            z = robust_z(values.to_numpy(dtype=float))
+            med = float(values.median())
+            for (idx, value), zi in zip(values.items(), z):
+                if abs(zi) > z_limit:
+                    row = group.loc[idx]
+                    out.append({"name": row["name"], "role": role, "layer": row["layer"], "metric": metric,
+                                "value": float(value), "role median": med, "robust z": float(zi),
+                                "why": f"{metric} {value:.4g} is {'above' if zi > 0 else 'below'} the {role} "
+                                       f"median {med:.4g} (z = {zi:+.1f})"})
+    frame = pd.DataFrame(out)
+    if len(frame):
+        frame = frame.reindex(frame["robust z"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    return frame
