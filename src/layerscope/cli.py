@@ -381,7 +381,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if unknown:
         raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters)")
     result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console)
-    console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all)")
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
+    console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all: {stages})")
     return 1 if any(m.analysis.unreadable for m in result.models) else 0
 
 

@@ -142,8 +142,8 @@ def selection_curve(scores: pd.DataFrame, chosen_k: int, directory: str | Path, 
 def _role_colours(roles: Sequence[str]) -> dict[str, str]:
     """One fixed colour per weight type, the same in every figure."""
     palette = {"attn.q": "#4477aa", "attn.k": "#66ccee", "attn.v": "#228833", "attn.o": "#ccbb44",
-               "attn.qkv": "#5566aa", "mlp.gate": "#ee6677", "mlp.up": "#aa3377", "mlp.down": "#bb5566",
-               "mlp.gate_up": "#dd7788", "embed.token": "#000000", "embed.position": "#777777", "lm_head": "#996633"}
+               "attn.qkv": "#0077bb", "mlp.gate": "#ee6677", "mlp.up": "#aa3377", "mlp.down": "#ee7733",
+               "mlp.gate_up": "#cc3311", "embed.token": "#000000", "embed.position": "#777777", "lm_head": "#996633"}
     extra = iter(["#332288", "#88ccee", "#44aa99", "#117733", "#999933", "#ddcc77", "#cc6677", "#882255"])
     return {r: palette.get(r) or next(extra, "#444444") for r in roles}
 

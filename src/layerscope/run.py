@@ -43,9 +43,11 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
     with progress:
         overall = progress.add_task("layerscope", total=len(stages))
         current: dict[str, Any] = {}
+        began: dict[str, float] = {}
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in current:
+                began[stage] = time.perf_counter()
                 for other, task in current.items():  # a new stage: close the previous ones
                     progress.update(task, completed=progress.tasks[task].total or 1)
                 current[stage] = progress.add_task(stage, total=max(total, 1))
@@ -66,5 +68,9 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
         result = report([], config, out=out / "report.html", markdown=out / "report.md", models=[data])
         update("report", 1, 1)
         progress.update(overall, completed=len(stages))
-    result.seconds = time.perf_counter() - started
+    ended = time.perf_counter()
+    result.seconds = ended - started
+    names = list(began)
+    result.stage_seconds = {n: (began[names[i + 1]] if i + 1 < len(names) else ended) - began[n]
+                            for i, n in enumerate(names)}
     return result

@@ -52,6 +52,8 @@ def collect(path: Any, config: Config, *, embeddings: bool | None = None, cluste
     from ..sources import open_source
 
     source = open_source(path)
+    if progress:
+        progress("analyze", 0, len(source.infos))
     analysis = analyze(source, config, progress=(lambda d, t, n: progress("analyze", d, t)) if progress else None)
     data = ModelData(label or short_label(source), analysis)
     steps: list[tuple[str, Callable[[], Any]]] = [
@@ -67,6 +69,8 @@ def collect(path: Any, config: Config, *, embeddings: bool | None = None, cluste
             source, config, cached_only=not clusters,
             progress=(lambda n, d, t: progress("clusters", d, t)) if progress else None))))
     for name, step in steps:
+        if progress:
+            progress(name, 0, 1)
         try:
             setattr(data, name, step())
         except LayerscopeError as exc:  # e.g. no attention layers, no embedding: the section is left out
@@ -336,6 +340,7 @@ class Report:
     figures: Path
     models: list[ModelData]
     seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # filled by ``layerscope run``
 
 
 def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Path = "layerscope-report/report.html",
