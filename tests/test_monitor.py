@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,3 +300,26 @@ def test_wandb_sink_logs_against_the_training_step(tmp_path, monkeypatch):
     assert summary["layerscope/step"] == 10  # last record, not dropped as an out-of-order step
     assert summary["layerscope/entropy_rank/mean"] > 0
     assert "layerscope/mlp.up/stable_rank/layer_1" in summary
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _gpt()
+        monitor = layerscope.Monitor(model, every=2, sinks=[f"jsonl:{out_dir}/rank{rank}.jsonl"], when_full="block")
+        _train(model, 4, monitor)
+        stats = monitor.close()
+        (Path(out_dir) / f"rank{rank}.stats").write_text(f"{int(monitor.active)} {stats.analysed}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_zero_analyses_in_a_distributed_run(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.stats").read_text() == "1 3"
+    assert (tmp_path / "rank1.stats").read_text() == "0 0"
+    assert len((tmp_path / "rank0.jsonl").read_text().splitlines()) == 3 and not (tmp_path / "rank1.jsonl").exists()
