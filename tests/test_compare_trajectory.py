@@ -223,3 +223,13 @@ def test_trajectory_needs_two_checkpoints(tmp_path, capsys):
     empty.mkdir()
     assert main(["trajectory", str(empty)]) == 2
     assert "no checkpoints found" in capsys.readouterr().err
+
+
+def test_global_drift_against_the_checkpoint_files(trained_run):
+    result = layerscope.trajectory([trained_run["dir"]])
+    first = torch.load(trained_run["checkpoints"][0], weights_only=True)["model"]
+    last = torch.load(trained_run["checkpoints"][-1], weights_only=True)["model"]
+    names = [n for n, t in first.items() if t.dim() == 2 and n != "lm_head.weight"]  # lm_head is tied to wte
+    num = sum(float((last[n].double() - first[n].double()).norm() ** 2) for n in names)
+    den = sum(float(first[n].double().norm() ** 2) for n in names)
+    assert result.summary()["drift_from_first"].iloc[-1] == pytest.approx(math.sqrt(num / den), rel=1e-9)

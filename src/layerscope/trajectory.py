@@ -115,7 +115,7 @@ class TrajectoryResult:
         """Per checkpoint: global drift (all matrices as one vector) and the mean of the rank metrics."""
         out = []
         for step, rows in self.table.groupby("step", sort=True):
-            mats = rows[rows["shape"].str.contains("×") & ~rows["name"].str.contains(r"\[")]
+            mats = rows[rows["shape"].str.contains("×") & ~rows["name"].str.contains(r"\[") & ~rows["tied_copy"]]
             entry: dict[str, Any] = {"step": step, "checkpoint": rows["checkpoint"].iloc[0]}
             for ref in ("first", "prev"):
                 col = f"drift_{ref}_rel_change"
@@ -150,6 +150,8 @@ def trajectory(paths: Sequence[str | os.PathLike], config: Config | None = None,
             table = result.table.copy()
             table.insert(0, "step", ckpt.step)
             table.insert(1, "checkpoint", ckpt.label)
+            # a head tied to the embedding is the same matrix: counted once in global figures
+            table["tied_copy"] = (table["role"] == "lm_head") & bool(result.anatomy.tied_embeddings)
             for ref_name, ref in refs.items():
                 drift = _drift_from(ref, model, store, procrustes, config) if ref is not None else None
                 for col in DRIFT_COLUMNS:
