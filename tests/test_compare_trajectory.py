@@ -233,3 +233,17 @@ def test_global_drift_against_the_checkpoint_files(trained_run):
     num = sum(float((last[n].double() - first[n].double()).norm() ** 2) for n in names)
     den = sum(float(first[n].double().norm() ** 2) for n in names)
     assert result.summary()["drift_from_first"].iloc[-1] == pytest.approx(math.sqrt(num / den), rel=1e-9)
+
+
+def test_an_unreadable_checkpoint_is_skipped_not_fatal(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for c in trained_run["checkpoints"][:3]:
+        shutil.copy(c, run)
+    good = (run / "ckpt_000100.pt").read_bytes()
+    (run / "ckpt_000150.pt").write_bytes(good[: len(good) // 2])  # truncated while being written
+    assert main(["trajectory", str(run)]) == 1
+    captured = capsys.readouterr()
+    assert "skipped unreadable checkpoint" in captured.out and "ckpt_000150" in captured.out
+    result = layerscope.trajectory([run])
+    assert [c.step for c in result.checkpoints] == [0, 50, 100] and len(result.skipped) == 1

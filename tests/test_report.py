@@ -152,3 +152,12 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ".html" in err
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_a_checkpoint_of_unknown_layout_still_gets_a_report(tmp_path):
+    import torch
+
+    path = checkpoints.save_safetensors({"foo.weight": torch.randn(16, 8), "bar": torch.randn(5)}, tmp_path / "odd.safetensors")
+    result = report([path], out=tmp_path / "r.html", markdown=tmp_path / "r.md")
+    html = result.html.read_text()
+    assert "Model card" in html and "no depth profile" in html and "<img" not in html

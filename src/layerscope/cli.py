@@ -358,7 +358,7 @@ def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
             if metric not in result.table.columns:
                 raise LayerscopeError(f"--plot-metrics: no column {metric!r} (columns: {', '.join(result.table.columns[6:])})")
             console.print(f"wrote {metric_over_steps(result.table, metric, args.plot)}")
-    return 0
+    return 1 if result.skipped else 0
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:

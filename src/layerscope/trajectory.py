@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -100,6 +100,7 @@ class TrajectoryResult:
     table: pd.DataFrame
     computed: int = 0
     cached: int = 0
+    skipped: list[str] = field(default_factory=list)  # unreadable checkpoints, with the reason
 
     def save(self, path: str | os.PathLike) -> Path:
         from .views import write_table
@@ -138,11 +139,16 @@ def trajectory(paths: Sequence[str | os.PathLike], config: Config | None = None,
     config = (config or Config()).replace(**overrides)
     checkpoints = discover(paths)
     frames = []
+    skipped: list[str] = []
     computed = cached = 0
     refs: dict[str, tuple[Model, pd.Series] | None] = {"first": None, "prev": None}
     with Store(config.resolved_store()) as store:
         for i, ckpt in enumerate(checkpoints):
-            model = Model.open(ckpt.path, label=ckpt.label)
+            try:
+                model = Model.open(ckpt.path, label=ckpt.label)
+            except LayerscopeError as exc:  # one unreadable checkpoint must not cost the others
+                skipped.append(f"{ckpt.label}: {exc}")
+                continue
             cb = (lambda done, total, _n, _i=i, _c=ckpt: progress(f"{_c.label} ({_i + 1}/{len(checkpoints)})", done, total)) \
                 if progress else None
             result = analyze(model.source, config, progress=cb)
@@ -162,10 +168,13 @@ def trajectory(paths: Sequence[str | os.PathLike], config: Config | None = None,
             if refs["first"] is None:
                 refs["first"] = (model, norms)
             refs["prev"] = (model, norms)
+    if len(frames) < 2:
+        raise LayerscopeError("a trajectory needs at least two readable checkpoints; unreadable: " + "; ".join(skipped))
+    checkpoints = [c for c in checkpoints if not any(x.startswith(f"{c.label}: ") for x in skipped)]
     table = pd.concat(frames, ignore_index=True)
     if not procrustes:
         table = table.drop(columns=[c for c in table if "procrustes" in c])
-    return TrajectoryResult(checkpoints, table, computed, cached)
+    return TrajectoryResult(checkpoints, table, computed, cached, skipped)
 
 
 def _drift_from(ref: tuple[Model, pd.Series], model: Model, store: Store, procrustes: bool,

@@ -264,4 +264,6 @@ def print_trajectory(result, console: Console | None = None) -> None:
         top = moving.sort_values("drift_prev_rel_change", ascending=False).head(5)
         shown = ", ".join(f"{n} {v:.3g}" for n, v in zip(top["name"], top["drift_prev_rel_change"]))
         console.print(escape(f"still moving most at the last checkpoint (change from the previous): {shown}"))
+    for reason in result.skipped:
+        console.print(f"[yellow]skipped unreadable checkpoint[/yellow] {escape(reason)}")
     console.print(f"{result.computed} matrices computed, {result.cached} from the store")

@@ -163,6 +163,11 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
         "type, the statistics of the metric over layers (cv: coefficient of variation std/|mean|).")])
     sections.append(intro)
     tables = {m.label: m.table for m in models}
+    if not any(depth.layered_roles(t) for t in tables.values()):
+        intro.blocks = [Text("No weight type repeats over layers in this checkpoint (its tensor names match no known "
+                             "architecture), so there is no depth profile; every matrix's metrics are in the table "
+                             "of the analysis (analysis.csv).")]
+        tables = {}
     for metric, label in depth.DEPTH_METRICS.items():
         if not any(metric in t and t[metric].notna().any() for t in tables.values()):
             continue
