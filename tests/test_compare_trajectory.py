@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -184,6 +185,9 @@ def test_compare_cli_on_trained_checkpoints(trained_run, tmp_path, capsys):
     assert 0 < drift["transformer.h.0.mlp.c_fc.weight"]["rel_change"] < 10
     assert drift["transformer.h.0.mlp.c_fc.weight"]["procrustes_cosine"] >= drift["transformer.h.0.mlp.c_fc.weight"]["cosine"]
     assert payload["tokens"] and (tmp_path / "plots" / "ckpt_000200" / "drift_by_layer.png").stat().st_size > 0
+    tokens = next(iter(payload["tokens"].values()))  # a byte-level vocabulary without tokenizer.json: bytes
+    texts = [t["text"] for t in tokens["least_drifted"] + tokens["most_drifted"]]
+    assert all(len(t) == 1 or re.fullmatch(r"<0x[0-9A-F]{2}>", t) for t in texts)
 
 
 def test_trajectory_over_the_trained_run(trained_run, tmp_path, capsys):

@@ -134,7 +134,7 @@ def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, i
     if selection not in SELECTIONS:
         raise LayerscopeError(f"--select-by must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     ks = sorted(set(k_values)) if k_values else k_grid(k_range)
-    vocab = Vocabulary(src.tokenizer_file)
+    vocab = Vocabulary.of(src, anatomy)
     params = json.dumps({"ks": ks, "seed": config.seed, "representatives": representatives, "selection": selection,
                          "version": CLUSTERS_VERSION})
     out: dict[str, dict[str, Any]] = {}

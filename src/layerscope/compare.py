@@ -261,7 +261,7 @@ def _token_drift(ref: Model, target: Model, pairs: list[tuple[str, str]], store:
         result = token_drift(ta, tb, top_k)
         result.pop("per_token_cosine")
         store.put_artifact(f"{ha}>{hb}", "token_drift", params, result)
-    vocab = Vocabulary(target.source.tokenizer_file or ref.source.tokenizer_file)
+    vocab = Vocabulary.of(target.source if target.source.tokenizer_file else ref.source, target.anatomy)
     for key in ("most_drifted", "least_drifted"):
         for tok in result[key]:
             tok["text"] = vocab.text(tok["id"])

@@ -48,9 +48,11 @@ class GeometryOptions:
 
 
 class Vocabulary:
-    """Token ids <-> text through the model's tokenizer.json, if it has one."""
+    """Token ids <-> text through the model's tokenizer.json, if it has one. Without one, a
+    256-token vocabulary is taken as bytes (byte-level models such as nanoGPT on raw text)."""
 
-    def __init__(self, tokenizer_file: Path | None):
+    def __init__(self, tokenizer_file: Path | None, byte_level: bool = False):
+        self.byte_level = byte_level and tokenizer_file is None
         self.tokenizer = None
         if tokenizer_file is not None:
             try:
@@ -62,9 +64,15 @@ class Vocabulary:
             except Exception:  # an unreadable tokenizer only costs us the decoding
                 self.tokenizer = None
 
+    @classmethod
+    def of(cls, source: Source, anatomy: Anatomy) -> "Vocabulary":
+        return cls(source.tokenizer_file, byte_level=anatomy.dims.vocab_size == 256)
+
     def text(self, token_id: int) -> str:
         if self.tokenizer is None:
-            return f"#{token_id}"
+            if self.byte_level and 0 <= token_id < 128:
+                return chr(token_id)
+            return f"<0x{token_id:02X}>" if self.byte_level and token_id < 256 else f"#{token_id}"
         piece = self.tokenizer.id_to_token(int(token_id))
         decoded = self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
         if decoded.strip():
@@ -73,6 +81,8 @@ class Vocabulary:
 
     def lookup(self, word: str) -> int:
         if self.tokenizer is None:
+            if self.byte_level and len(word) == 1 and ord(word) < 128:
+                return ord(word)
             if word.lstrip("#").isdigit():
                 return int(word.lstrip("#"))
             raise LayerscopeError(f"--tokens {word!r}: this model has no tokenizer.json; pass token ids such as #1234")
@@ -261,7 +271,7 @@ def embeddings(source: Any, config: Config | None = None, *, options: GeometryOp
     config = (config or Config()).replace(**overrides)
     src = open_source(source, revision)
     anatomy = build_anatomy(src.infos, src.config)
-    vocab = Vocabulary(src.tokenizer_file)
+    vocab = Vocabulary.of(src, anatomy)
     token_ids = [(word, vocab.lookup(word)) for word in tokens or []]
     out: dict[str, dict[str, Any]] = {}
     with Store(config.resolved_store()) as store:
