@@ -323,3 +323,12 @@ def test_only_rank_zero_analyses_in_a_distributed_run(tmp_path):
     assert (tmp_path / "rank0.stats").read_text() == "1 3"
     assert (tmp_path / "rank1.stats").read_text() == "0 0"
     assert len((tmp_path / "rank0.jsonl").read_text().splitlines()) == 3 and not (tmp_path / "rank1.jsonl").exists()
+
+
+def test_the_monitor_leaves_the_training_threads_alone():
+    before = torch.get_num_threads()
+    model = _gpt()
+    monitor = layerscope.Monitor(model, every=1, sinks=[_Collect()], when_full="block")
+    _train(model, 2, monitor)
+    monitor.close()
+    assert torch.get_num_threads() == before

@@ -107,7 +107,10 @@ class _Runner:
         total = len(names)
         queue = iter(names)
         with _torch_threads(workers) if manage_threads else nullcontext():
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="layerscope")
+            # torch's intra-op thread count is per thread: without management, the pool's threads
+            # take the caller's (the training monitor runs its analysis single-threaded)
+            init = {} if manage_threads else {"initializer": torch.set_num_threads, "initargs": (torch.get_num_threads(),)}
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="layerscope", **init)
             pending: dict[Future, str] = {}
             try:
                 # never more tensors in flight than workers: memory stays bounded by the largest ones
