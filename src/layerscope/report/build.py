@@ -103,10 +103,16 @@ def _card(models: list[ModelData]) -> pd.DataFrame:
     add("parameters", [f"{r.anatomy.parameter_count:,}" for r in a])
     add("tensors", [len(r.anatomy.entries) for r in a])
     add("dtypes", [", ".join(f"{k} ×{v}" for k, v in r.anatomy.dtype_counts().items()) for r in a])
-    add("tied embeddings", ["unknown" if r.anatomy.tied_embeddings is None else r.anatomy.tied_embeddings for r in a])
+    add("tied embeddings", [_tied_text(r.anatomy) for r in a])
     add("step", [r.source.step if r.source.step is not None else "—" for r in a])
     frame = pd.DataFrame(rows, index=[m.label for m in models]).T.reset_index()
     return frame.rename(columns={"index": "property"})
+
+
+def _tied_text(anatomy) -> Any:
+    if anatomy.tied_embeddings is not None:
+        return anatomy.tied_embeddings
+    return "no LM head" if not anatomy.by_role("lm_head") else "unknown"
 
 
 def _stats_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -125,8 +131,9 @@ def _findings(models: list[ModelData]) -> list[str]:
         t = m.table
         prefix = f"{m.label}: " if len(models) > 1 else ""
         mats = t[t["shape"].astype(str).str.contains("×")]
-        out.append(f"{prefix}{len(mats)} matrices analysed ({m.analysis.computed} computed, {m.analysis.cached} "
-                   f"from the store), {int((t['error'].astype(str) != '').sum())} with notes.")
+        notes = int((t["error"].astype(str) != "").sum())
+        out.append(f"{prefix}{len(mats)} matrices among {len(t)} tensors and slices analysed ({m.analysis.computed} "
+                   f"computed, {m.analysis.cached} from the store); {notes} with notes (see analysis.csv).")
         phases = depth.phase_table(t, {"entropy_rank": "", "alpha": ""})
         for metric in ("entropy_rank", "alpha"):
             sub = phases[phases["metric"] == metric] if len(phases) else phases
