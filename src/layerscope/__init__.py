@@ -17,6 +17,6 @@ from .sources import open_source  # noqa: E402
 from .trajectory import TrajectoryResult, trajectory  # noqa: E402
 from . import report, run  # noqa: E402  (modules: report.report(...), run.run(...))
 
-__all__ = ["ClustersResult", "clusters", "CompareResult", "compare", "Monitor", "TrajectoryResult", "trajectory", "EmbeddingsResult", "GeometryOptions", "embeddings", "mlp_down_spectra",
+__all__ = ["ClustersResult", "clusters", "CompareResult", "compare", "Monitor", "TrajectoryResult", "trajectory", "report", "run", "EmbeddingsResult", "GeometryOptions", "embeddings", "mlp_down_spectra",
            "HeadsResult", "heads", "AnalysisResult", "Anatomy", "Config", "Dims", "LayerscopeError", "all_metrics", "analyze", "inspect",
            "open_source", "register", "__version__"]
