@@ -128,8 +128,7 @@ class Monitor:
         self.sinks: list[Sink] = [make_sink(s) for s in sinks] if self.active else []
         self._model_config = _config_dict(model)
         self._snapshots = Snapshotter(model, queue_size + 1)
-        self._queue: queue.Queue[Snapshot | None] = queue.Queue()
-        self._slots = threading.Semaphore(queue_size + 1)
+        self._queue: queue.Queue[Snapshot | None] = queue.Queue()  # bounded by the snapshot slots
         self._first: dict[str, torch.Tensor] | None = None
         self._prev: dict[str, torch.Tensor] | None = None
         self._closed = False
@@ -165,35 +164,36 @@ class Monitor:
             self._warn_once("worker", "monitor worker is not running; snapshots are skipped")
             self.stats.skipped_full += 1
             return False
-        if not self._acquire_slot():
+        slot = self._acquire_slot()
+        if slot is None:
             self.stats.skipped_full += 1
             self._warn_once("full", f"monitor busy at step {step}: snapshot skipped (queue full; counted in stats.skipped_full)")
             return False
         used = memory_used_fraction()
         needed = 0 if self._snapshots.allocated() else snapshot_bytes(live_tensors(self._snapshots.model))
         if used is not None and (used > self.memory_limit or used + needed / _total_memory() > self.memory_limit):
-            self._slots.release()
+            self._snapshots.give_back(slot)
             self.stats.skipped_memory += 1
             log.warning("layerscope monitor: step %s skipped: system memory at %.0f%% (limit %.0f%%)",
                         step, 100 * used, 100 * self.memory_limit)
             return False
-        snap = self._snapshots.take(step)
-        if snap is None:  # cannot happen while slots and buffers agree; be safe
-            self._slots.release()
-            self.stats.skipped_full += 1
-            return False
+        try:
+            snap = self._snapshots.take(step, slot)
+        except BaseException:
+            self._snapshots.give_back(slot)  # a failed copy must not leak its slot
+            raise
         snap.taken_at = time.perf_counter()
         self.stats.submitted += 1
         self._queue.put(snap)
         return True
 
-    def _acquire_slot(self) -> bool:
+    def _acquire_slot(self) -> int | None:
         if self.when_full != "block":
-            return self._slots.acquire(blocking=False)
-        while not self._slots.acquire(timeout=0.5):
+            return self._snapshots.acquire()
+        while (slot := self._snapshots.acquire(timeout=0.5)) is None:
             if self._worker is None or not self._worker.is_alive():  # never wait on a dead worker
-                return False
-        return True
+                return None
+        return slot
 
     # -- background side ----------------------------------------------------------------------
     def _work(self) -> None:
@@ -226,7 +226,6 @@ class Monitor:
                 record = None
             finally:
                 self._snapshots.release(snap)
-                self._slots.release()
             if record is not None:
                 self._dispatch(record)
 

@@ -9,6 +9,7 @@ thread never blocks. On the CPU a snapshot is a plain copy into the slot's buffe
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,29 +53,37 @@ class Snapshot:
 
 
 class Snapshotter:
-    """A fixed number of slots of host buffers; a slot is busy from ``take`` until ``release``."""
+    """A fixed number of slots of host buffers; a slot is busy from ``acquire`` until ``release``.
+    The free slots are the monitor's queue bound: no slot, no snapshot."""
 
     def __init__(self, model: torch.nn.Module, slots: int):
         self.model = model
         self.slots = slots
         self._buffers: list[dict[str, torch.Tensor] | None] = [None] * slots
-        self._free = list(range(slots))
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(slots):
+            self._free.put(slot)
         self._stream = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return live_tensors(self.model)
 
-    def free_slots(self) -> int:
-        return len(self._free)
-
     def allocated(self) -> bool:
         return any(b is not None for b in self._buffers)
 
-    def take(self, step: int) -> Snapshot | None:
-        """Copy the weights into a free slot; None when every slot is busy."""
-        if not self._free:
+    def acquire(self, timeout: float | None = 0.0) -> int | None:
+        """A free slot, waiting at most ``timeout`` seconds (0: do not wait); None when all are busy."""
+        try:
+            return self._free.get(block=bool(timeout), timeout=timeout or None)
+        except queue.Empty:
             return None
-        slot = self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        """Return a slot that was acquired but not used for a snapshot."""
+        self._free.put(slot)
+
+    def take(self, step: int, slot: int) -> Snapshot:
+        """Copy the weights into ``slot`` (from ``acquire``)."""
         live = self.tensors()
         buffers = self._buffers[slot]
         if buffers is None or buffers.keys() != live.keys() or any(
@@ -102,4 +111,4 @@ class Snapshotter:
         return Snapshot(step, buffers, slot, event)
 
     def release(self, snapshot: Snapshot) -> None:
-        self._free.append(snapshot.slot)
+        self._free.put(snapshot.slot)
