@@ -122,6 +122,11 @@ class TensorEntry:
     transposed: bool = False  # stored (in, out) as GPT-2's Conv1D does
 
 
+def shape_text(shape: tuple[int, ...]) -> str:
+    """``(30522, 384)`` -> ``"30522×384"``; a 0-d tensor is ``"scalar"``."""
+    return "×".join(str(s) for s in shape) if shape else "scalar"
+
+
 def classify(name: str) -> str:
     is_bias = name.endswith(".bias")
     for role, pattern in ROLE_RULES:

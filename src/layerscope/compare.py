@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .anatomy import Anatomy, build_anatomy
+from .anatomy import Anatomy, Part, build_anatomy, shape_text
 from .config import Config
 from .drift import matrix_drift, task_vector_stats, token_drift
 from .embeddings import Vocabulary
@@ -57,7 +57,8 @@ def short_label(source: Source) -> str:
     return name or source.label
 
 
-def _unique(labels: list[str]) -> list[str]:
+def unique_labels(labels: list[str]) -> list[str]:
+    """Labels that occur more than once get ``#1``, ``#2``, ... in order."""
     seen: dict[str, int] = {}
     out = []
     for lb in labels:
@@ -88,7 +89,7 @@ def match_tensors(a: Anatomy, b: Anatomy) -> tuple[list[tuple[str, str]], list[s
         problems.append(f"architectures differ: {a.family} vs {b.family}")
     shape_mismatch = [(x, y) for x, y in pairs if a.entries[x].shape != b.entries[y].shape]
     for x, y in shape_mismatch:
-        problems.append(f"{x}: shape {_shape(a.entries[x].shape)} vs {_shape(b.entries[y].shape)}")
+        problems.append(f"{x}: shape {shape_text(a.entries[x].shape)} vs {shape_text(b.entries[y].shape)}")
     if only_a:
         problems.append(f"only in the first: {_names(only_a)}")
     if only_b:
@@ -113,10 +114,6 @@ def _unique_keys(anatomy: Anatomy, names: list[str]) -> dict[tuple, str]:
     return {k: v[0] for k, v in keys.items() if len(v) == 1}
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return "×".join(map(str, shape)) or "scalar"
-
-
 def _names(names: list[str], limit: int = 6) -> str:
     head = ", ".join(names[:limit])
     return f"{head} and {len(names) - limit} more" if len(names) > limit else head
@@ -133,13 +130,11 @@ def drift_rows(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, *
     for done, (na, nb) in enumerate(pairs, 1):
         entry = a.anatomy.entries[na]
         parts = a.anatomy.parts(na, slices) or []
-        row_base = {"name": na, "layer": entry.layer, "role": entry.role, "shape": _shape(entry.shape)}
+        row_base = {"name": na, "layer": entry.layer, "role": entry.role, "shape": shape_text(entry.shape)}
         try:
             ta, ha = read_with_hash(a.source, store, na, use_cache)
             tb, hb = read_with_hash(b.source, store, nb, use_cache)
             if not parts:  # 1-D tensors (norms, biases) and 3-D stacks still get rel_change and cosine
-                from .anatomy import Part
-
                 parts = [Part("", entry.role, entry.expert)]
             for part in parts:
                 key_a = ha if not part.suffix else _derived_hash(ha, part.key)
@@ -218,7 +213,7 @@ def compare(*models: Any, base: Any = None, config: Config | None = None, top_k:
         raise LayerscopeError("compare needs two checkpoints (A B), or a base and at least one fine-tune")
     specs = ([base] if base is not None else []) + list(models)
     opened = [Model.open(s) for s in specs]
-    for m, label in zip(opened, _unique([m.label for m in opened])):
+    for m, label in zip(opened, unique_labels([m.label for m in opened])):
         m.label = label
     ref, targets = opened[0], opened[1:]
     rows: list[dict[str, Any]] = []
@@ -274,7 +269,7 @@ def _task_vectors(base: Model, targets: list[Model], matched: dict[str, list[tup
     rows = []
     for name in (n for n in base.anatomy.entries if n in common):
         entry = base.anatomy.entries[name]
-        row: dict[str, Any] = {"name": name, "layer": entry.layer, "role": entry.role, "shape": _shape(entry.shape)}
+        row: dict[str, Any] = {"name": name, "layer": entry.layer, "role": entry.role, "shape": shape_text(entry.shape)}
         try:
             models = {t.label: t.source.read(dict(matched[t.label])[name])[0] for t in targets}
             row.update(task_vector_stats(base.source.read(name)[0], models, keep))

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .anatomy import Anatomy, Part, build_anatomy
+from .anatomy import Anatomy, Part, build_anatomy, shape_text
 from .config import Config
 from .errors import LayerscopeError
 from .metrics import Metric, moments, select_metrics
@@ -211,7 +211,7 @@ class _Runner:
             "layer": entry.layer,
             "role": part.role,
             "expert": part.expert,
-            "shape": "×".join(str(s) for s in shape) if shape else "scalar",
+            "shape": shape_text(shape),
             "dtype": entry.dtype,
             "numel": numel,
         }

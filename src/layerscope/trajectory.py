@@ -23,7 +23,7 @@ import pandas as pd
 from .compare import DRIFT_COLUMNS, Model, target_row_name, drift_rows, match_tensors
 from .config import Config
 from .errors import LayerscopeError
-from .sources import PICKLE_SUFFIXES
+from .sources import PICKLE_SUFFIXES, open_source
 from .store import Store
 
 _SKIP = ("optimizer", "scheduler", "rng_state", "training_args")
@@ -51,7 +51,7 @@ def _step_of(path: Path) -> int | None:
             pass
     if path.is_file() and path.name.endswith(PICKLE_SUFFIXES):
         try:
-            step = Model.open(path).source.step
+            step = open_source(path).step  # the pickle's metadata (iter_num); tensors stay unread
             if step is not None:
                 return step
         except LayerscopeError:

@@ -361,7 +361,7 @@ def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Pat
     """Write the HTML report (and Markdown with PNGs beside it when ``markdown`` is given).
 
     ``embeddings``/``clusters``: True computes them, None includes them only when already stored."""
-    from ..compare import compare
+    from ..compare import compare, unique_labels
 
     started = time.perf_counter()
     config = config or Config()
@@ -374,7 +374,8 @@ def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Pat
     if md is not None and md.suffix.lower() != ".md":
         raise LayerscopeError(f"--md must be a .md file, got {md}")
     models = models or [collect(p, config, embeddings=embeddings, clusters=clusters, progress=progress) for p in paths]
-    _unique_labels(models)
+    for m, label in zip(models, unique_labels([m.label for m in models])):
+        m.label = label
     figures = (md.parent if md else out.parent) / f"{(md or out).stem}_figures"
     comparison = None
     if len(models) > 1 and len({m.analysis.anatomy.family for m in models}) == 1:
@@ -389,12 +390,4 @@ def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Pat
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(to_markdown(doc, md.parent), encoding="utf-8")
     return Report(out, md, figures, models, time.perf_counter() - started)
-
-
-def _unique_labels(models: list[ModelData]) -> None:
-    seen: dict[str, int] = {}
-    for m in models:
-        seen[m.label] = seen.get(m.label, 0) + 1
-        if seen[m.label] > 1:
-            m.label = f"{m.label}#{seen[m.label]}"
 
