@@ -141,10 +141,8 @@ def drift_rows(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, *
                 key_b = hb if not part.suffix else _derived_hash(hb, part.key)
                 cached = store.artifact(f"{key_a}>{key_b}", "drift", params) if use_cache else None
                 if cached is None:
-                    if ta is None:
-                        ta, _ = read_with_hash(a.source, store, na, use_cache, force=True)
-                    if tb is None:
-                        tb, _ = read_with_hash(b.source, store, nb, use_cache, force=True)
+                    ta = _loaded(ta, a.source, store, na)
+                    tb = _loaded(tb, b.source, store, nb)
                     cached = _finite_or_none(matrix_drift(part.apply(ta), part.apply(tb), procrustes))
                     store.put_artifact(f"{key_a}>{key_b}", "drift", params, cached)
                 name = f"{na}[{part.suffix}]" if part.suffix else na
@@ -157,6 +155,13 @@ def drift_rows(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, *
         if progress:
             progress(done, len(pairs), na)
     return rows
+
+
+def _loaded(tensor: Any, source: Source, store: Store, name: str) -> Any:
+    """``tensor``, or the tensor read now when ``read_with_hash`` only had to name its hash."""
+    from .pipeline import read_with_hash
+
+    return tensor if tensor is not None else read_with_hash(source, store, name, force=True)[0]
 
 
 def _finite_or_none(values: dict[str, float]) -> dict[str, float | None]:
@@ -248,12 +253,15 @@ def _token_drift(ref: Model, target: Model, pairs: list[tuple[str, str]], store:
     embed = next((e.name for e in ref.anatomy.by_role("embed.token") if len(e.shape) == 2 and e.name in names), None)
     if embed is None:
         return None
-    ta, ha = ref.source.read(embed)
-    tb, hb = target.source.read(names[embed])
+    from .pipeline import read_with_hash
+
+    # as in drift_rows: known files give their hashes from the fingerprints, unread
+    ta, ha = read_with_hash(ref.source, store, embed, use_cache)
+    tb, hb = read_with_hash(target.source, store, names[embed], use_cache)
     params = json.dumps({"top_k": top_k, "v": DRIFT_VERSION})
     result = store.artifact(f"{ha}>{hb}", "token_drift", params) if use_cache else None
     if result is None:
-        result = token_drift(ta, tb, top_k)
+        result = token_drift(_loaded(ta, ref.source, store, embed), _loaded(tb, target.source, store, names[embed]), top_k)
         result.pop("per_token_cosine")
         store.put_artifact(f"{ha}>{hb}", "token_drift", params, result)
     vocab = Vocabulary.of(target.source if target.source.tokenizer_file else ref.source, target.anatomy)
