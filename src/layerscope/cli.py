@@ -16,11 +16,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
 from .config import Config
 from .errors import LayerscopeError
+from .views import ProgressDisplay
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -173,7 +173,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
     select_metrics(config)  # reject unknown metric names before any work
     err = Console(stderr=True)
-    with _LazyProgress("analyzing", quiet=args.quiet) as progress:
+    with ProgressDisplay("analyzing", quiet=args.quiet) as progress:
         result = analyze(args.path, config, revision=args.revision,
                          progress=lambda done, total, name: progress.update("tensors", done, total, name))
     if not args.quiet:
@@ -236,33 +236,6 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-class _LazyProgress:
-    """A progress display that appears with the first update, so an early error prints alone."""
-
-    def __init__(self, label: str, quiet: bool = False):
-        self.label, self.quiet = label, quiet
-        self.progress: Progress | None = None
-        self.tasks: dict[str, Any] = {}
-
-    def update(self, name: str, done: int, total: int, current: str | None = None) -> None:
-        if self.progress is None:
-            self.progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[current]}"), console=Console(stderr=True),
-                                     disable=self.quiet)
-            self.progress.start()
-        if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task(name, total=total, current=name[-48:])
-        self.progress.update(self.tasks[name], completed=done, **({"current": current[-48:]} if current else {}))
-
-    def __enter__(self) -> "_LazyProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
 def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
     from .embeddings import GeometryOptions, embeddings
     from .views import print_embeddings
@@ -279,7 +252,7 @@ def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
     options = GeometryOptions(threshold=args.threshold, bins=args.bins, lo=lo, hi=hi, precision=args.precision,
                               max_memory=parse_bytes(args.max_memory), sample=args.sample, seed=config.seed)
     tokens = [t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None
-    with _LazyProgress("cosine blocks") as progress:
+    with ProgressDisplay("cosine blocks") as progress:
         result = embeddings(args.path, config, options=options, tokens=tokens, revision=args.revision,
                             progress=progress.update)
     print_embeddings(result, console)
@@ -307,7 +280,7 @@ def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
             raise LayerscopeError(f"--k-values: expected integers, got {args.k_values!r}") from None
         if any(k < 2 for k in k_values):
             raise LayerscopeError("--k-values: every k must be >= 2")
-    with _LazyProgress("k-means") as progress:
+    with ProgressDisplay("k-means") as progress:
         result = clusters(args.path, config, k_range=parse_k_range(args.k_range), k_values=k_values,
                           roles=(args.matrix,), selection=args.select_by, revision=args.revision,
                           progress=progress.update)
@@ -326,7 +299,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from .compare import compare
     from .views import print_compare
 
-    with _LazyProgress("comparing") as progress:
+    with ProgressDisplay("comparing") as progress:
         result = compare(*args.paths, base=args.base, config=_config(args), top_k=args.top_k, procrustes=not args.no_procrustes,
                          spectral=not args.no_spectral, keep=args.trim,
                          progress=lambda done, total, name: progress.update("tensors", done, total, name))
@@ -346,7 +319,7 @@ def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
     from .trajectory import trajectory
     from .views import print_trajectory
 
-    with _LazyProgress("trajectory") as progress:
+    with ProgressDisplay("trajectory") as progress:
         result = trajectory(args.paths, _config(args), procrustes=args.procrustes, progress=progress.update)
     print_trajectory(result, console)
     if args.out:
@@ -364,7 +337,7 @@ def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from .report import report
 
-    with _LazyProgress("report") as progress:
+    with ProgressDisplay("report") as progress:
         result = report(args.paths, _config(args), out=args.out, markdown=args.md,
                         embeddings=True if args.embeddings else None, clusters=True if args.clusters else None,
                         progress=progress.update)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import Config
 from .report import Report, collect, report
+from .views import ProgressDisplay
 
 STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters")
 
@@ -37,22 +37,18 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
 
         print_info(build_anatomy(source.infos, source.config), source.label, source.format, console)
     stages = [s for s in STAGES if s not in skip] + ["report"]
-    progress = Progress(TextColumn("[bold]{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=Console(stderr=True), disable=quiet)
-    with progress:
-        overall = progress.add_task("layerscope", total=len(stages))
-        current: dict[str, Any] = {}
-        began: dict[str, float] = {}
+    began: dict[str, float] = {}
+    totals: dict[str, int] = {}
+    with ProgressDisplay("run", quiet=quiet) as display:
 
         def update(stage: str, done: int, total: int) -> None:
-            if stage not in current:
+            if stage not in began:
+                for previous in began:  # a new stage: the previous ones are done
+                    display.update(previous, totals[previous], totals[previous])
                 began[stage] = time.perf_counter()
-                for other, task in current.items():  # a new stage: close the previous ones
-                    progress.update(task, completed=progress.tasks[task].total or 1)
-                current[stage] = progress.add_task(stage, total=max(total, 1))
-                progress.update(overall, completed=min(len(current) - 1, len(stages)))
-            progress.update(current[stage], completed=done, total=max(total, 1))
+                display.update("all stages", len(began) - 1, len(stages))
+            totals[stage] = max(total, 1)
+            display.update(stage, done, totals[stage])
 
         data = collect(source, config, embeddings=False if "embeddings" in skip else True,
                        clusters=False if "clusters" in skip else True, progress=update)
@@ -67,7 +63,7 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
             data.clusters.save(out / "clusters.json")
         result = report([], config, out=out / "report.html", markdown=out / "report.md", models=[data])
         update("report", 1, 1)
-        progress.update(overall, completed=len(stages))
+        display.update("all stages", len(stages), len(stages))
     ended = time.perf_counter()
     result.seconds = ended - started
     names = list(began)

@@ -267,3 +267,35 @@ def print_trajectory(result, console: Console | None = None) -> None:
     for reason in result.skipped:
         console.print(f"[yellow]skipped unreadable checkpoint[/yellow] {escape(reason)}")
     console.print(f"{result.computed} matrices computed, {result.cached} from the store")
+
+
+class ProgressDisplay:
+    """One progress display (on stderr) with a bar per named task, ETA included; it appears with
+    the first update, so an error that comes before any progress prints alone."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label, self.quiet = label, quiet
+        self.progress = None
+        self.tasks: dict[str, object] = {}
+
+    def update(self, name: str, done: int, total: int, current: str | None = None) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        if self.progress is None:
+            self.progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[current]}"), console=Console(stderr=True),
+                                     disable=self.quiet)
+            self.progress.start()
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total, current=name[-48:])
+        self.progress.update(self.tasks[name], completed=done, total=total,
+                             **({"current": current[-48:]} if current else {}))
+
+    def __enter__(self) -> "ProgressDisplay":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
