@@ -251,3 +251,15 @@ def test_an_unreadable_checkpoint_is_skipped_not_fatal(trained_run, tmp_path, ca
     assert "skipped unreadable checkpoint" in captured.out and "ckpt_000150" in captured.out
     result = layerscope.trajectory([run])
     assert [c.step for c in result.checkpoints] == [0, 50, 100] and len(result.skipped) == 1
+
+
+def test_compare_and_run_bad_input_is_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "nope.safetensors")
+    minilm = str(checkpoints.minilm_dir())
+    for argv, words in ((["compare", missing, minilm], "no such file"), (["compare", minilm], "two checkpoints"),
+                        (["compare", minilm, minilm, "--trim", "0"], "--trim"),
+                        (["run", missing, "--out", str(tmp_path / "o")], "no such file"),
+                        (["run", minilm, "--skip", "heads"], "--skip")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, (argv, err)

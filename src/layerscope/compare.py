@@ -213,7 +213,7 @@ def compare(*models: Any, base: Any = None, config: Config | None = None, top_k:
     (their norms, cosines and sign conflicts, before and after TIES-style trimming to ``keep``)."""
     config = (config or Config()).replace(**overrides)
     if not 0 < keep <= 1:
-        raise LayerscopeError(f"keep must lie in (0, 1], got {keep}")
+        raise LayerscopeError(f"keep (--trim) must lie in (0, 1], got {keep}")
     if len(models) < (1 if base is not None else 2):
         raise LayerscopeError("compare needs two checkpoints (A B), or a base and at least one fine-tune")
     specs = ([base] if base is not None else []) + list(models)
