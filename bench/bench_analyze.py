@@ -197,7 +197,7 @@ def run_layerscope(path: Path, store: Path, **overrides):
 
 def fallback_count(table) -> int:
     """Matrices whose κ exceeds layerscope's Gram limit, i.e. that took the float64 SVD route."""
-    from layerscope.spectrum import GRAM_MAX_CONDITION
+    from layerscope.weights.spectrum import GRAM_MAX_CONDITION
 
     if "condition_number" not in table:
         return -1
@@ -219,10 +219,10 @@ class _Acc:
 
 def breakdown_run(path: Path, store: Path) -> tuple[float, _Acc]:
     """Run analyze with timers wrapped around its stages (monkeypatched in THIS process only)."""
-    import layerscope.metrics.powerlaw as lp
+    import layerscope.weights.metrics.powerlaw as lp
     import layerscope.pipeline as lpipe
     import layerscope.sources.base as lbase
-    import layerscope.spectrum as lspec
+    import layerscope.weights.spectrum as lspec
     import layerscope.store as lstore
 
     acc = _Acc()

@@ -81,10 +81,9 @@ def child(args) -> int:
 
     import importlib
 
-    from layerscope.embeddings import GeometryOptions, cosine_geometry
+    from layerscope.weights.embeddings import GeometryOptions, cosine_geometry
 
-    # the module itself (``layerscope.embeddings`` the attribute is the embeddings() function)
-    emb = importlib.import_module("layerscope.embeddings")
+    emb = importlib.import_module("layerscope.weights.embeddings")
 
     x = make_matrix(args.v, args.d, args.seed)
     # warm-up: numba kernel (JIT or on-disk cache load), numba + torch thread pools, small GEMM

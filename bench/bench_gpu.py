@@ -58,7 +58,7 @@ def _small_checkpoint(directory: Path) -> Path:
 
 def _embeddings_check() -> None:
     """All-pairs cosine geometry on the GPU equals the CPU's; then time a 50257 × 768 vocabulary."""
-    from layerscope.embeddings import GeometryOptions, cosine_geometry
+    from layerscope.weights.embeddings import GeometryOptions, cosine_geometry
 
     x = torch.randn(50257, 768, generator=torch.Generator().manual_seed(0))
     x[:, :16] += 2 * torch.randn(50257, 1, generator=torch.Generator().manual_seed(1))  # some structure

@@ -97,7 +97,7 @@ def test_alpha_matches_weightwatcher_code_when_installed():
         w = rng.standard_t(df=3, size=shape)  # heavy-tailed entries give a heavy-tailed ESD
         evals = np.linalg.svd(w, compute_uv=False) ** 2
         fit = ww_powerlaw.WWFit(evals[evals > 1e-5])
-        from layerscope.metrics.powerlaw import fit_powerlaw
+        from layerscope.weights.metrics.powerlaw import fit_powerlaw
 
         assert fit_powerlaw(evals).alpha == pytest.approx(fit.alpha, rel=1e-9)
         if len(evals) >= 20:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import checkpoints
 import layerscope
 from layerscope.cli import main
-from layerscope.drift import matrix_drift, procrustes_rotation, sign_conflicts, token_drift
+from layerscope.change.drift import matrix_drift, procrustes_rotation, sign_conflicts, token_drift
 from layerscope.errors import LayerscopeError
 
 

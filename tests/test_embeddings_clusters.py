@@ -11,7 +11,7 @@ import torch
 import checkpoints
 import layerscope
 from layerscope.cli import main
-from layerscope.embeddings import GeometryOptions, cosine_geometry
+from layerscope.weights.embeddings import GeometryOptions, cosine_geometry
 from layerscope.sources import open_source
 
 SUBSET = 2500

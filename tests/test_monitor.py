@@ -16,7 +16,7 @@ import torch
 
 import layerscope
 from layerscope.errors import LayerscopeError
-from layerscope.metrics import registry
+from layerscope.weights.metrics import registry
 from layerscope.monitor import ConsoleSink, JSONLSink, StoreSink, TensorBoardSink, load_run
 from nanogpt_model import GPT, GPTConfig
 

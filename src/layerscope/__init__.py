@@ -5,16 +5,16 @@ __version__ = "0.1.0"
 from .anatomy import Anatomy, Dims  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import LayerscopeError  # noqa: E402
-from .clusters import ClustersResult, clusters  # noqa: E402
-from .compare import CompareResult, compare  # noqa: E402
-from .embeddings import EmbeddingsResult, GeometryOptions, embeddings  # noqa: E402
-from .heads import HeadsResult, heads  # noqa: E402
-from .mlp import mlp_down_spectra  # noqa: E402
+from .weights.clusters import ClustersResult, clusters  # noqa: E402
+from .change.compare import CompareResult, compare  # noqa: E402
+from .weights.embeddings import EmbeddingsResult, GeometryOptions, embeddings  # noqa: E402
+from .weights.heads import HeadsResult, heads  # noqa: E402
+from .weights.mlp import mlp_down_spectra  # noqa: E402
 from .monitor import Monitor  # noqa: E402
-from .metrics import all_metrics, register  # noqa: E402
+from .weights.metrics import all_metrics, register  # noqa: E402
 from .pipeline import AnalysisResult, analyze, inspect  # noqa: E402
 from .sources import open_source  # noqa: E402
-from .trajectory import TrajectoryResult, trajectory  # noqa: E402
+from .change.trajectory import TrajectoryResult, trajectory  # noqa: E402
 from . import report, run  # noqa: E402  (modules: report.report(...), run.run(...))
 
 __all__ = ["ClustersResult", "clusters", "CompareResult", "compare", "Monitor", "TrajectoryResult", "trajectory", "report", "run", "EmbeddingsResult", "GeometryOptions", "embeddings", "mlp_down_spectra",

@@ -166,7 +166,7 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
-    from .metrics import select_metrics
+    from .weights.metrics import select_metrics
     from .pipeline import analyze
     from .views import print_summary, write_table
 
@@ -182,7 +182,7 @@ def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
         path = write_table(result.table, args.out)
         console.print(f"wrote {len(result.table)} rows to {path}")
     if args.plot and (result.table["role"] == "mlp.down").any():
-        from .mlp import mlp_down_spectra
+        from .weights.mlp import mlp_down_spectra
         from .plots import explained_variance_curves
 
         spectra = mlp_down_spectra(result.source, config)
@@ -201,7 +201,7 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
 
 
 def cmd_heads(args: argparse.Namespace, console: Console) -> int:
-    from .heads import heads
+    from .weights.heads import heads
     from .views import print_heads
 
     config = _config(args)
@@ -237,7 +237,7 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
-    from .embeddings import GeometryOptions, embeddings
+    from .weights.embeddings import GeometryOptions, embeddings
     from .views import print_embeddings
 
     config = _config(args)
@@ -268,7 +268,7 @@ def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
-    from .clusters import clusters, parse_k_range
+    from .weights.clusters import clusters, parse_k_range
     from .views import print_clusters
 
     config = _config(args)
@@ -296,7 +296,7 @@ def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    from .compare import compare
+    from .change.compare import compare
     from .views import print_compare
 
     with ProgressDisplay("comparing") as progress:
@@ -316,7 +316,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
-    from .trajectory import trajectory
+    from .change.trajectory import trajectory
     from .views import print_trajectory
 
     with ProgressDisplay("trajectory") as progress:
@@ -362,7 +362,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
-    from .metrics import all_metrics
+    from .weights.metrics import all_metrics
 
     config = Config.from_file(args.config) if args.config else Config()
     table = Table(title="metrics (groups: stats, spectral, all)", title_justify="left")

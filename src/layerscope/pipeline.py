@@ -28,9 +28,9 @@ import torch
 from .anatomy import Anatomy, Part, build_anatomy, shape_text
 from .config import Config
 from .errors import LayerscopeError
-from .metrics import Metric, moments, select_metrics
+from .weights.metrics import Metric, moments, select_metrics
 from .sources import Source, open_source
-from .spectrum import Spectrum, singular_values
+from .weights.spectrum import Spectrum, singular_values
 from .store import Store
 
 IDENTITY_COLUMNS = ["name", "layer", "role", "shape", "dtype", "numel"]

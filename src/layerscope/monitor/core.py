@@ -36,7 +36,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ..config import Config
-from ..drift import pair_norms
+from ..change.drift import pair_norms
 from ..errors import LayerscopeError
 from .sinks import MonitorRecord, Sink, make_sink
 from .snapshot import Snapshot, Snapshotter, live_tensors, snapshot_bytes
@@ -120,7 +120,7 @@ class Monitor:
         base = config or Config()
         self.config = base.replace(metrics=_expand(metrics, base) if metrics is not None else base.metrics,
                                    workers=1, slices=False)
-        from ..metrics import select_metrics
+        from ..weights.metrics import select_metrics
 
         select_metrics(self.config)  # unknown metric names fail here, not in the background
         self.stats = MonitorStats()
@@ -326,7 +326,7 @@ def _expand(metrics: Iterable[str], config: Config) -> tuple[str, ...]:
     out: list[str] = []
     for m in metrics:
         if "{p}" in m:
-            from ..metrics.registry import level_tag
+            from ..weights.metrics.registry import level_tag
 
             out.extend(m.format(p=level_tag(p)) for p in config.energy_levels)
         else:

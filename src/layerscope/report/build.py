@@ -43,11 +43,11 @@ def collect(path: Any, config: Config, *, embeddings: bool | None = None, cluste
     """Run (or read from the store) what the report needs. ``embeddings``/``clusters``: True to
     compute, None to include only if stored, False to leave out. Heads and MLP spectra are cheap
     and always included when the model has them."""
-    from ..clusters import clusters as run_clusters
-    from ..compare import short_label
-    from ..embeddings import embeddings as run_embeddings
-    from ..heads import heads as run_heads
-    from ..mlp import mlp_down_spectra
+    from ..weights.clusters import clusters as run_clusters
+    from ..change.compare import short_label
+    from ..weights.embeddings import embeddings as run_embeddings
+    from ..weights.heads import heads as run_heads
+    from ..weights.mlp import mlp_down_spectra
     from ..pipeline import analyze
     from ..sources import open_source
 
@@ -361,7 +361,7 @@ def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Pat
     """Write the HTML report (and Markdown with PNGs beside it when ``markdown`` is given).
 
     ``embeddings``/``clusters``: True computes them, None includes them only when already stored."""
-    from ..compare import compare, unique_labels
+    from ..change.compare import compare, unique_labels
 
     started = time.perf_counter()
     config = config or Config()

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..config import Config
-from ..errors import LayerscopeError
+from ...config import Config
+from ...errors import LayerscopeError
 
 NEEDS = ("moments", "spectrum")
 

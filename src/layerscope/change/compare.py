@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .anatomy import Anatomy, Part, build_anatomy, shape_text
-from .config import Config
+from ..anatomy import Anatomy, Part, build_anatomy, shape_text
+from ..config import Config
 from .drift import matrix_drift, task_vector_stats, token_drift
-from .embeddings import Vocabulary
-from .errors import LayerscopeError
-from .sources import Source, open_source
-from .store import Store
+from ..weights.embeddings import Vocabulary
+from ..errors import LayerscopeError
+from ..sources import Source, open_source
+from ..store import Store
 
 DRIFT_COLUMNS = ["rel_change", "cosine", "procrustes_cosine", "procrustes_residual"]
 DRIFT_VERSION = 1
@@ -123,7 +123,7 @@ def _names(names: list[str], limit: int = 6) -> str:
 def drift_rows(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, *, procrustes: bool = True,
                slices: bool = True, use_cache: bool = True, progress: Progress | None = None) -> list[dict[str, Any]]:
     """One row per matrix (fused tensors also per q/k/v slice): drift from ``a`` to ``b``."""
-    from .pipeline import _derived_hash, read_with_hash
+    from ..pipeline import _derived_hash, read_with_hash
 
     params = json.dumps({"procrustes": procrustes, "v": DRIFT_VERSION})
     rows: list[dict[str, Any]] = []
@@ -159,7 +159,7 @@ def drift_rows(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, *
 
 def _loaded(tensor: Any, source: Source, store: Store, name: str) -> Any:
     """``tensor``, or the tensor read now when ``read_with_hash`` only had to name its hash."""
-    from .pipeline import read_with_hash
+    from ..pipeline import read_with_hash
 
     return tensor if tensor is not None else read_with_hash(source, store, name, force=True)[0]
 
@@ -189,7 +189,7 @@ class CompareResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """The drift table as .csv/.parquet/.json; a .json file also holds tokens, task vectors, mismatch."""
-        from .views import write_table
+        from ..views import write_table
 
         path = Path(path)
         if path.suffix.lower() != ".json":
@@ -253,7 +253,7 @@ def _token_drift(ref: Model, target: Model, pairs: list[tuple[str, str]], store:
     embed = next((e.name for e in ref.anatomy.by_role("embed.token") if len(e.shape) == 2 and e.name in names), None)
     if embed is None:
         return None
-    from .pipeline import read_with_hash
+    from ..pipeline import read_with_hash
 
     # as in drift_rows: known files give their hashes from the fingerprints, unread
     ta, ha = read_with_hash(ref.source, store, embed, use_cache)
@@ -294,8 +294,8 @@ def _task_vectors(base: Model, targets: list[Model], matched: dict[str, list[tup
 def _with_spectral_deltas(table: pd.DataFrame, ref: Model, targets: list[Model],
                           matched: dict[str, list[tuple[str, str]]], config: Config) -> pd.DataFrame:
     """Add ``delta_<metric>`` (target − reference) for every spectral metric, from the store."""
-    from .metrics import select_metrics
-    from .pipeline import analyze
+    from ..weights.metrics import select_metrics
+    from ..pipeline import analyze
 
     spectral = [m.name for m in select_metrics(config) if m.group == "spectral"]
     if not spectral:

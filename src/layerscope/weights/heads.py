@@ -29,13 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .anatomy import Anatomy, build_anatomy
-from .config import Config
-from .errors import LayerscopeError
+from ..anatomy import Anatomy, build_anatomy
+from ..config import Config
+from ..errors import LayerscopeError
 from .metrics.spectral import energy_rank, entropy_rank, spectral_norm
-from .sources import Source, open_source
+from ..sources import Source, open_source
 from .spectrum import Spectrum
-from .store import Store
+from ..store import Store
 
 CIRCUITS = ("qk", "ov")
 TOP_EIGS = 8  # complex eigenvalues kept per head and circuit
@@ -178,7 +178,7 @@ class HeadsResult:
     thresholds: tuple[float, float]
 
     def save(self, path) -> None:
-        from .views import write_table
+        from ..views import write_table
 
         if str(path).endswith(".json"):
             write_table(self.table, path)

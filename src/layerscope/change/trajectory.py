@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from .compare import DRIFT_COLUMNS, Model, target_row_name, drift_rows, match_tensors
-from .config import Config
-from .errors import LayerscopeError
-from .sources import PICKLE_SUFFIXES, open_source
-from .store import Store
+from ..config import Config
+from ..errors import LayerscopeError
+from ..sources import PICKLE_SUFFIXES, open_source
+from ..store import Store
 
 _SKIP = ("optimizer", "scheduler", "rng_state", "training_args")
 
@@ -103,7 +103,7 @@ class TrajectoryResult:
     skipped: list[str] = field(default_factory=list)  # unreadable checkpoints, with the reason
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .views import write_table
+        from ..views import write_table
 
         return write_table(self.table, path)
 
@@ -134,7 +134,7 @@ class TrajectoryResult:
 def trajectory(paths: Sequence[str | os.PathLike], config: Config | None = None, *, procrustes: bool = False,
                progress: Callable[[str, int, int], None] | None = None, **overrides: Any) -> TrajectoryResult:
     """Analyse every checkpoint of a run and measure drift from the first and previous one."""
-    from .pipeline import analyze
+    from ..pipeline import analyze
 
     config = (config or Config()).replace(**overrides)
     checkpoints = discover(paths)

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .anatomy import Anatomy, build_anatomy
-from .config import Config
+from ..anatomy import Anatomy, build_anatomy
+from ..config import Config
 from .embeddings import Vocabulary
-from .errors import LayerscopeError
-from .sources import Source, open_source
-from .store import Store
+from ..errors import LayerscopeError
+from ..sources import Source, open_source
+from ..store import Store
 
 MINIBATCH_ABOVE = 20_000  # rows; above this, MiniBatchKMeans
 CLUSTERS_VERSION = "1"

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .sources.base import TensorInfo
+from ..sources.base import TensorInfo
 
 ROLES = (
     "embed.token", "embed.position", "embed.type", "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",

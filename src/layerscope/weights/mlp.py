@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .anatomy import build_anatomy
-from .config import Config
-from .errors import LayerscopeError
+from ..anatomy import build_anatomy
+from ..config import Config
+from ..errors import LayerscopeError
 from .metrics.spectral import condition_number
-from .pipeline import read_with_hash
-from .sources import open_source
+from ..pipeline import read_with_hash
+from ..sources import open_source
 from .spectrum import Spectrum, singular_values
-from .store import Store
+from ..store import Store
 
 
 def mlp_down_spectra(source: Any, config: Config | None = None, *, revision: str | None = None,

@@ -18,13 +18,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .anatomy import Anatomy, build_anatomy
-from .config import Config
+from ..anatomy import Anatomy, build_anatomy
+from ..config import Config
 from .cosine_kernel import BlockTotals, reduce_block
-from .errors import LayerscopeError
-from .sources import Source, open_source
+from ..errors import LayerscopeError
+from ..sources import Source, open_source
 from .spectrum import resolve_device
-from .store import Store
+from ..store import Store
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 GEOMETRY_VERSION = "1"

@@ -1,0 +1,1 @@
+"""Change over time: compare checkpoints, drift maths, trajectories over a training run."""
