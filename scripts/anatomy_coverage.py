@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-NOT_SOFTMAX = re.compile(r"Linear|Mamba|DeltaNet|Lightning|Recurrent|Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|ShortConv|"
-                         r"Fourier|FNet|Lsh|LSH|Nystrom|Yoso|YOSO|Mra|MRA", re.I)
+NOT_SOFTMAX = re.compile(r"Linear|Mamba|DeltaNet|Lightning|RecurrentBlock|Rglru|Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|ShortConv|"
+                         r"Fourier|FNet|Lsh|LSH", re.I)
 ATTN_CLASS = re.compile(r"Attention|Attn", re.I)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_groups_heads")

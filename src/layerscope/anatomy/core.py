@@ -1,9 +1,15 @@
-"""What each tensor *is*: its role, its layer, the model's dims, and how fused matrices split.
+"""What each tensor *is*: its role, its stack and layer, the model's dims, and how fused matrices split.
 
-Everything here is table-driven: a new architecture is a few rows in ``ROLE_RULES`` and
-``CONFIG_KEYS``, not a new branch. Splitting fused matrices (GPT-2 ``c_attn``, GPT-NeoX's
-per-head interleaved ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``, fused 3-D MoE
-experts) lives here once, and every analysis uses it.
+Two paths (``Anatomy.path`` says which one a checkpoint took):
+
+- ``skeleton``: config.json names a ``model_type`` the installed ``transformers`` knows. The model
+  is built on the meta device (skeleton.py), each checkpoint tensor is mapped onto its parameter
+  (prefixes such as ``model.`` / ``transformer.`` / ``bert.`` may differ), and the owning module's
+  kind (attention, cross-attention, SSM mixer, MoE, MLP) picks the table its inner name is read
+  with (names.py). Layers, stacks, GPT-2 ``Conv1D`` layouts and head layouts come from the tree.
+- ``names``: no config, nanoGPT, an unknown type, or a tensor the skeleton does not have (e.g.
+  per-expert names that ``save_pretrained`` writes for in-memory fused experts): the name rules
+  plus shape reasoning.
 """
 
 from __future__ import annotations
@@ -16,48 +22,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..sources.base import TensorInfo
-
-ROLES = (
-    "embed.token", "embed.position", "embed.type", "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",
-    "mlp.up", "mlp.gate", "mlp.down", "mlp.gate_up", "moe.expert.up", "moe.expert.gate", "moe.expert.down",
-    "moe.expert.gate_up", "moe.router", "norm", "lm_head", "bias", "other",
-)
-
-
-def _rule(role: str, *suffixes: str) -> tuple[str, re.Pattern]:
-    return role, re.compile(r"(?:^|\.)(?:" + "|".join(suffixes) + r")$")
-
-
-NORM_MODULE = r"(?:ln_?\w*|\w*layer_?norm\w*|\w*_norm|norm|rms_norm\w*|\w*LayerNorm)"
-
-#: Ordered: the first rule whose pattern matches the end of the name wins.
-ROLE_RULES: list[tuple[str, re.Pattern]] = [
-    _rule("norm", NORM_MODULE + r"\.(?:weight|bias|scale)"),
-    _rule("embed.token", r"(?:wte|embed_tokens|word_embeddings|embed_in|tok_embeddings|token_embedding|shared)\.weight"),
-    _rule("embed.position", r"(?:wpe|position_embeddings|embed_positions|pos_embedding)\.weight"),
-    _rule("embed.type", r"token_type_embeddings\.weight"),
-    _rule("lm_head", r"lm_head\.weight", r"embed_out\.weight", r"predictions\.decoder\.weight"),
-    _rule("moe.router", r"(?:block_sparse_moe|mlp|moe|feed_forward)\.(?:gate|router)(?:\.layer|\.classifier)?\.weight"),
-    _rule("moe.expert.gate", r"experts\.\d+\.(?:w1|gate_proj)\.weight"),
-    _rule("moe.expert.up", r"experts\.\d+\.(?:w3|up_proj)\.weight"),
-    _rule("moe.expert.down", r"experts\.\d+\.(?:w2|down_proj)\.weight"),
-    _rule("moe.expert.gate_up", r"experts\.gate_up_proj(?:\.weight)?"),
-    _rule("moe.expert.down", r"experts\.down_proj(?:\.weight)?"),
-    _rule("moe.expert.up", r"experts\.up_proj(?:\.weight)?"),
-    _rule("attn.qkv", r"(?:c_attn|query_key_value|qkv_proj|Wqkv|qkv)\.weight"),
-    _rule("attn.q", r"(?:q_proj|query|wq|q_lin)\.weight"),
-    _rule("attn.k", r"(?:k_proj|key|wk|k_lin)\.weight"),
-    _rule("attn.v", r"(?:v_proj|value|wv|v_lin)\.weight"),
-    _rule("attn.o", r"(?:attn\.c_proj|o_proj|attention\.dense|attention\.output\.dense|out_proj|attention\.wo|self_attn\.dense|out_lin)\.weight"),
-    _rule("mlp.gate_up", r"gate_up_proj\.weight"),
-    _rule("mlp.gate", r"(?:gate_proj|feed_forward\.w1|mlp\.w1)\.weight"),
-    _rule("mlp.up", r"(?:up_proj|c_fc|dense_h_to_4h|intermediate\.dense|fc1|feed_forward\.w3|mlp\.w3|lin1)\.weight"),
-    _rule("mlp.down", r"(?:down_proj|mlp\.c_proj|dense_4h_to_h|output\.dense|fc2|feed_forward\.w2|mlp\.w2|lin2)\.weight"),
-    ("lm_head", re.compile(r"^output\.weight$")),
-]
-
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
-EXPERT_PATTERN = re.compile(r"experts\.(\d+)\.")
+from . import fused
+from .dims import Dims, apply_attention_record, dims_from_config, fill_dims_from_shapes
+from .names import ATTENTION_ROLES, CROSS_ROLES, ROLES, classify, classify_in_context, expert_of, layer_of, stack_of
 
 #: (family, test on the set of names) used when there is no config.json.
 FAMILY_SIGNATURES: list[tuple[str, Callable[[set[str]], bool]]] = [
@@ -69,32 +36,7 @@ FAMILY_SIGNATURES: list[tuple[str, Callable[[set[str]], bool]]] = [
     ("qwen2", lambda ns: any(n.endswith("self_attn.q_proj.bias") for n in ns)),
     ("llama", lambda ns: any(n.endswith("self_attn.q_proj.weight") for n in ns)),
 ]
-
-#: config.json keys per dim, first present wins (HF names, then GPT-2/nanoGPT names, then others).
-CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "n_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
-    "d_model": ("hidden_size", "n_embd", "d_model", "dim"),
-    "d_ff": ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim"),
-    "n_heads": ("num_attention_heads", "n_head", "n_heads"),
-    "n_kv_heads": ("num_key_value_heads", "n_head_kv", "n_kv_heads", "multi_query_group_num"),
-    "head_dim": ("head_dim",),
-    "vocab_size": ("vocab_size", "n_vocab"),
-    "n_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
-}
-HEAD_DIM_GUESSES = (128, 64, 96, 80, 256, 160, 32, 48, 16, 8)
-
-
-@dataclass
-class Dims:
-    n_layers: int | None = None
-    d_model: int | None = None
-    d_ff: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    vocab_size: int | None = None
-    n_experts: int = 0
-    source: str = "config"  # "config", "shapes" or "config+shapes"
+CONTEXT_PRECEDENCE = ("attn", "xattn", "mixer", "moe", "mlp")
 
 
 @dataclass(frozen=True)
@@ -120,29 +62,27 @@ class TensorEntry:
     layer: int | None
     expert: int | None
     transposed: bool = False  # stored (in, out) as GPT-2's Conv1D does
+    stack: str = ""  # "encoder" / "decoder" in an encoder-decoder, else ""
+    layout: str = ""  # fused q|k|v layout (fused.py), "" for anything else
+
+
+@dataclass
+class AttentionSpec:
+    """One softmax-attention block: where it is and its head layout."""
+
+    stack: str
+    layer: int
+    cross: bool
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mla: dict[str, int] | None = None
+    v_head_dim: int | None = None
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
     """``(30522, 384)`` -> ``"30522×384"``; a 0-d tensor is ``"scalar"``."""
     return "×".join(str(s) for s in shape) if shape else "scalar"
-
-
-def classify(name: str) -> str:
-    is_bias = name.endswith(".bias")
-    for role, pattern in ROLE_RULES:
-        if pattern.search(name):
-            return role
-    return "bias" if is_bias else "other"
-
-
-def layer_of(name: str) -> int | None:
-    m = LAYER_PATTERN.search(name)
-    return int(m.group(1)) if m else None
-
-
-def expert_of(name: str) -> int | None:
-    m = EXPERT_PATTERN.search(name)
-    return int(m.group(1)) if m else None
 
 
 def detect_family(names: Iterable[str], config: dict[str, Any] | None) -> str:
@@ -164,6 +104,10 @@ class Anatomy:
     tied_embeddings: bool | None
     entries: dict[str, TensorEntry]
     config: dict[str, Any] | None = None
+    path: str = "names"  # "skeleton" (transformers' module tree) or "names" (name rules + shapes)
+    attention: list[AttentionSpec] = field(default_factory=list)  # from the skeleton; else derived from dims
+    skipped_layers: dict[tuple[str, int], str] = field(default_factory=dict)  # layers without softmax attention
+    shared_layers: bool = False  # ALBERT: one set of layer weights used by every layer
 
     # -- summaries ----------------------------------------------------------------------------
     @property
@@ -185,6 +129,10 @@ class Anatomy:
     def by_role(self, role: str) -> list[TensorEntry]:
         return [e for e in self.entries.values() if e.role == role]
 
+    @property
+    def stacks(self) -> list[str]:
+        return sorted({e.stack for e in self.entries.values()}, key=("encoder", "decoder", "").index)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
@@ -194,39 +142,65 @@ class Anatomy:
             "tied_embeddings": self.tied_embeddings,
             "dtypes": self.dtype_counts(),
             "roles": self.role_counts(),
+            "anatomy_path": self.path,
+            "shared_layers": self.shared_layers,
         }
 
     # -- fused matrices -----------------------------------------------------------------------
+    def spec_for(self, e: TensorEntry) -> tuple[int | None, int | None, int | None]:
+        """(n_heads, n_kv_heads, head_dim) of the attention block holding entry ``e``."""
+        cross = e.role.startswith("xattn.")
+        for s in self.attention:
+            if s.stack == e.stack and s.layer == e.layer and s.cross == cross:
+                return s.n_heads, s.n_kv_heads, s.head_dim
+        d = self.dims
+        return d.n_heads, d.n_kv_heads, d.head_dim
+
+    def _qkv_key(self, e: TensorEntry) -> str:
+        nh, nkv, hd = self.spec_for(e)
+        total = max(e.shape) if e.transposed else e.shape[0]
+        q, kv = fused.qkv_sizes(total, nh, nkv, hd)
+        layout = e.layout or "split"
+        if layout in ("split", "per_head"):  # keys of the first layouts stay as they were (stored results)
+            return f"qkv:{q}:{kv}:{self.dims.head_dim if layout == 'split' else hd}:{layout == 'per_head'}:{e.transposed}"
+        return f"qkv:{layout}:{nh}:{nkv}:{hd}:{e.transposed}"
+
     def parts(self, name: str, slices: bool = True) -> list[Part]:
         """The matrices to analyse in tensor ``name``: itself (if a matrix) and its defined slices."""
         e = self.entries[name]
         parts: list[Part] = []
-        if len(e.shape) != 3 or not e.role.startswith("moe.expert"):
+        if len(e.shape) != 3 or not e.role.startswith(("moe.expert", "moe.shared")):
             parts.append(Part("", e.role, e.expert))
         if not slices:
             return parts
-        if e.role == "attn.qkv" and len(e.shape) == 2:
-            q, kv = _qkv_sizes(self, e)
-            layout = f"qkv:{q}:{kv}:{self.dims.head_dim}:{_is_interleaved(e)}:{e.transposed}"
+        if e.role in ("attn.qkv", "xattn.qkv") and len(e.shape) == 2:
+            layout = self._qkv_key(e)
+            prefix = e.role.split(".")[0]
             for key in ("q", "k", "v"):
-                parts.append(Part(key, f"attn.{key}", None, _qkv_selector(self, e, key), f"{layout}:{key}"))
-        elif e.role == "mlp.gate_up" and len(e.shape) == 2:
+                parts.append(Part(key, f"{prefix}.{key}", None, self._selector(e, key), f"{layout}:{key}"))
+        elif e.role in ("mlp.gate_up", "moe.shared.gate_up") and len(e.shape) == 2:
+            prefix = e.role.rsplit(".", 1)[0]
             for i, key in enumerate(("gate", "up")):
-                parts.append(Part(key, f"mlp.{key}", None, _halves_selector(i), f"half:{i}"))
-        elif e.role.startswith("moe.expert") and len(e.shape) == 3:
+                parts.append(Part(key, f"{prefix}.{key}", None, fused.halves_selector(i), f"half:{i}"))
+        elif e.role.startswith(("moe.expert", "moe.shared")) and len(e.shape) == 3:
             for x in range(e.shape[0]):
-                if e.role == "moe.expert.gate_up":
+                if e.role.endswith("gate_up"):
+                    base = e.role.rsplit(".", 1)[0]
                     for i, key in enumerate(("gate", "up")):
-                        parts.append(Part(f"expert={x},{key}", f"moe.expert.{key}", x, _expert_half_selector(x, i),
+                        parts.append(Part(f"expert={x},{key}", f"{base}.{key}", x, fused.expert_half_selector(x, i),
                                           f"expert:{x}:half:{i}"))
                 else:
-                    parts.append(Part(f"expert={x}", e.role, x, _expert_selector(x), f"expert:{x}"))
+                    parts.append(Part(f"expert={x}", e.role, x, fused.expert_selector(x), f"expert:{x}"))
         return parts
+
+    def _selector(self, e: TensorEntry, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        nh, nkv, hd = self.spec_for(e)
+        return fused.qkv_selector(e.layout or "split", key, nh, nkv, hd, e.transposed)
 
     def split_qkv(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """q, k, v of a fused attention matrix, each as (out_features, in_features)."""
         e = self.entries[name]
-        return {key: _qkv_selector(self, e, key)(tensor) for key in ("q", "k", "v")}
+        return {key: self._selector(e, key)(tensor) for key in ("q", "k", "v")}
 
     def heads(self, matrix: torch.Tensor, kind: str = "q") -> list[torch.Tensor]:
         """Per-head views (head_dim × d_model) of a q/k/v matrix in (out, in) layout."""
@@ -236,115 +210,7 @@ class Anatomy:
         return list(matrix.split(hd, dim=0))
 
 
-def _qkv_sizes(anatomy: Anatomy, e: TensorEntry) -> tuple[int, int]:
-    d = anatomy.dims
-    total = max(e.shape) if e.transposed else e.shape[0]
-    if d.n_heads and d.head_dim:
-        q = d.n_heads * d.head_dim
-        kv = (d.n_kv_heads or d.n_heads) * d.head_dim
-        if q + 2 * kv == total:
-            return q, kv
-    return total // 3, total // 3
-
-
-def _qkv_selector(anatomy: Anatomy, e: TensorEntry, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    q, kv = _qkv_sizes(anatomy, e)
-    index = "qkv".index(key)
-    interleaved = _is_interleaved(e)
-    head_dim = anatomy.dims.head_dim
-
-    def select(t: torch.Tensor) -> torch.Tensor:
-        w = t.T if e.transposed else t
-        if interleaved and head_dim and w.shape[0] % (3 * head_dim) == 0:
-            n_heads = w.shape[0] // (3 * head_dim)
-            return w.reshape(n_heads, 3, head_dim, w.shape[1])[:, index].reshape(n_heads * head_dim, w.shape[1])
-        bounds = (0, q, q + kv, q + 2 * kv)
-        return w[bounds[index]:bounds[index + 1]]
-
-    return select
-
-
-def _is_interleaved(e: TensorEntry) -> bool:
-    """GPT-NeoX stores q, k, v interleaved per head: rows [h0:q k v, h1:q k v, ...]."""
-    return e.name.endswith("query_key_value.weight")
-
-
-def _halves_selector(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t.chunk(2, dim=0)[i]
-
-
-def _expert_selector(x: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t[x]
-
-
-def _expert_half_selector(x: int, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t[x].chunk(2, dim=0)[i]
-
-
 # -- building an anatomy ----------------------------------------------------------------------
-def dims_from_config(config: dict[str, Any] | None) -> Dims:
-    dims = Dims(source="config")
-    if not config:
-        return dims
-    nested = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
-    for cfg in ([config, nested] if nested else [config]):
-        for attr, keys in CONFIG_KEYS.items():
-            if getattr(dims, attr) not in (None, 0):
-                continue
-            for key in keys:
-                value = cfg.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    setattr(dims, attr, value)
-                    break
-    if dims.d_ff is None and dims.d_model and config.get("model_type") in ("gpt2", "nanogpt"):
-        dims.d_ff = 4 * dims.d_model
-    if dims.head_dim is None and dims.d_model and dims.n_heads:
-        dims.head_dim = dims.d_model // dims.n_heads
-    if dims.n_kv_heads is None and dims.n_heads:
-        dims.n_kv_heads = dims.n_heads
-    return dims
-
-
-def fill_dims_from_shapes(dims: Dims, entries: dict[str, TensorEntry]) -> None:
-    """Infer what config.json did not say from the tensors' shapes (head_dim is a guess then)."""
-
-    def first(role: str) -> TensorEntry | None:
-        return next((e for e in entries.values() if e.role == role and len(e.shape) >= 2), None)
-
-    embed = first("embed.token") or first("lm_head")
-    if embed is not None:
-        if dims.vocab_size is None:
-            dims.vocab_size = embed.shape[0]
-        if dims.d_model is None:
-            dims.d_model = embed.shape[1]
-    layers = [e.layer for e in entries.values() if e.layer is not None]
-    if dims.n_layers is None and layers:
-        dims.n_layers = max(layers) + 1
-    d = dims.d_model
-    if dims.d_ff is None and d:
-        for role, factor in (("mlp.up", 1), ("mlp.gate", 1), ("mlp.gate_up", 2), ("moe.expert.up", 1), ("moe.expert.gate_up", 2)):
-            e = first(role)
-            if e is not None:
-                other = [s for s in e.shape[-2:] if s != d] or [e.shape[-2]]
-                dims.d_ff = other[0] // factor
-                break
-    if dims.n_experts == 0:
-        experts = {e.expert for e in entries.values() if e.expert is not None}
-        stacked = [e.shape[0] for e in entries.values() if e.role.startswith("moe.expert") and len(e.shape) == 3]
-        if experts or stacked:
-            dims.n_experts = (len(experts) if experts else stacked[0])
-    if d and (dims.n_heads is None or dims.head_dim is None):
-        q, k = first("attn.q"), first("attn.k")
-        q_out = q.shape[0] if q is not None else d
-        kv_out = k.shape[0] if k is not None else q_out
-        for hd in ([dims.head_dim] if dims.head_dim else HEAD_DIM_GUESSES):
-            if q_out % hd == 0 and kv_out % hd == 0 and hd <= q_out:
-                dims.head_dim, dims.n_heads, dims.n_kv_heads = hd, q_out // hd, kv_out // hd
-                break
-    if dims.n_kv_heads is None and dims.n_heads:
-        dims.n_kv_heads = dims.n_heads
-
-
 def build_anatomy(infos: dict[str, TensorInfo], config: dict[str, Any] | None = None) -> Anatomy:
     family = detect_family(infos, config)
     entries: dict[str, TensorEntry] = {}
@@ -354,12 +220,171 @@ def build_anatomy(infos: dict[str, TensorInfo], config: dict[str, Any] | None = 
     dims = dims_from_config(config)
     if not config:
         dims.source = "shapes"
-    _mark_transposed(entries, dims, family)
+    skeleton = None
+    if config and family not in ("nanogpt", "unknown"):
+        from .skeleton import build_skeleton
+
+        skeleton = build_skeleton(config)
+    attention: list[AttentionSpec] = []
+    if skeleton is not None:
+        _apply_skeleton(entries, skeleton, dims)
+        attention = _attention_specs(skeleton, dims)
+    else:
+        stacks = {stack_of(n) for n in entries if entries[n].layer is not None}
+        if {"encoder", "decoder"} <= stacks:
+            for e in entries.values():
+                e.stack = stack_of(e.name)
+        _mark_transposed(entries, dims, family)
     before = asdict(dims)
     fill_dims_from_shapes(dims, entries)
     if config and asdict(dims) != before:
         dims.source = "config+shapes"
-    return Anatomy(family=family, dims=dims, tied_embeddings=_tied(entries, config, family), entries=entries, config=config)
+    for e in entries.values():
+        if e.role in ("attn.qkv", "xattn.qkv"):
+            e.layout = fused.qkv_layout(family, config, e.name)
+    anatomy = Anatomy(family=family, dims=dims, tied_embeddings=_tied(entries, config, family), entries=entries,
+                      config=config, path="skeleton" if skeleton is not None else "names", attention=attention,
+                      shared_layers=bool(skeleton and skeleton.shared_layers))
+    _finish_attention(anatomy)
+    return anatomy
+
+
+def _map_names(names: Iterable[str], params: list[str]) -> dict[str, str]:
+    """Checkpoint name -> skeleton parameter name, allowing a different head/prefix (``model.``, ``bert.``)."""
+    exact = set(params)
+    index: dict[str, str | None] = {}
+    for p in params:
+        parts = p.split(".")
+        for k in range(0, min(3, len(parts) - 1)):
+            tail = ".".join(parts[k:])
+            if tail in index and index[tail] != p:
+                index[tail] = None  # ambiguous (an encoder and a decoder both have it)
+            else:
+                index.setdefault(tail, p)
+    out: dict[str, str] = {}
+    for n in names:
+        if n in exact:
+            out[n] = n
+            continue
+        parts = n.split(".")
+        for j in range(0, min(3, len(parts) - 1)):
+            hit = index.get(".".join(parts[j:]))
+            if hit:
+                out[n] = hit
+                break
+    return out
+
+
+def _context(skeleton, owner: str) -> tuple[str, str] | None:
+    """The owning module's kind: the innermost attention ancestor wins, then mixer, MoE, MLP."""
+    found: dict[str, str] = {}
+    path = owner
+    while True:
+        ctx = skeleton.contexts.get(path)
+        if ctx is not None and ctx[0] not in found:
+            found[ctx[0]] = path
+        if not path:
+            break
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+    for kind in CONTEXT_PRECEDENCE:
+        if kind in found:
+            return kind, found[kind]
+    return None
+
+
+def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> None:
+    mapping = _map_names(entries, skeleton.param_names)
+    d_model = dims.d_model
+    for name, e in entries.items():
+        pname = mapping.get(name)
+        if pname is None:
+            continue
+        owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+        rec = skeleton.modules.get(owner)
+        stack, layer = skeleton.layers.get(owner, ("", None))
+        e.stack, e.layer = stack, layer
+        e.transposed = bool(rec and rec.kind == "conv1d")
+        if rec is not None and rec.kind == "norm":
+            e.role = "norm"
+            continue
+        if rec is not None and rec.kind == "embedding" and e.role not in ("other", "bias"):
+            continue
+        ctx = _context(skeleton, owner)
+        if ctx is None:
+            if e.role == "other" and layer is not None and len(e.shape) == 2 and rec is not None:
+                e.role = _by_shape("mlp", rec, d_model) or e.role
+            continue
+        kind, ctx_path = ctx
+        inner = pname[len(ctx_path) + 1:] if ctx_path else pname
+        role = classify_in_context(kind, inner)
+        if role is None:
+            if len(e.shape) <= 1 or rec is None or rec.kind not in ("linear", "conv1d", "conv"):
+                role = {"mixer": "ssm.param", "attn": "attn.aux", "xattn": "xattn.aux", "moe": "moe.aux",
+                        "mlp": "mlp.aux"}[kind]
+                if kind == "moe" and e.role.startswith("moe."):
+                    role = e.role
+            else:
+                role = _by_shape(kind, rec, d_model)
+        if role == "bias" and e.role == "norm":
+            role = "norm"
+        e.role = role
+        if e.role.startswith("moe.expert") and e.expert is None:
+            e.expert = expert_of(name)
+
+
+def _by_shape(kind: str, rec, d_model: int | None) -> str:
+    """Shape reasoning for a Linear whose name no table knows, inside a module of known kind."""
+    if kind == "mlp" and d_model:
+        if rec.in_features == d_model and rec.out_features != d_model:
+            return "mlp.up"
+        if rec.out_features == d_model and rec.in_features != d_model:
+            return "mlp.down"
+    return {"attn": "attn.aux", "xattn": "xattn.aux", "mixer": "ssm.aux", "moe": "moe.aux", "mlp": "mlp.aux"}[kind]
+
+
+def _attention_specs(skeleton, dims: Dims) -> list[AttentionSpec]:
+    specs = []
+    first = None
+    stack_first: dict[str, Any] = {}
+    for rec in skeleton.attention.values():
+        if rec.layer is None or not rec.n_heads or not rec.head_dim:
+            continue
+        kv = rec.n_kv_heads or rec.n_heads
+        specs.append(AttentionSpec(rec.stack, rec.layer, rec.cross, rec.n_heads, kv, rec.head_dim, rec.mla,
+                                   (rec.mla or {}).get("v_head_dim") or None))
+        if not rec.cross:
+            first = first or rec
+            stack_first.setdefault(rec.stack, rec)
+    if first is not None:
+        apply_attention_record(dims, first)
+    if len(skeleton.stacks) > 1:
+        for stack, rec in stack_first.items():
+            dims.stacks[stack] = {"n_layers": skeleton.n_layers.get(stack), "n_heads": rec.n_heads,
+                                  "n_kv_heads": rec.n_kv_heads or rec.n_heads, "head_dim": rec.head_dim}
+    main = skeleton.stacks[-1] if skeleton.stacks else ""
+    att_layers = sorted({s.layer for s in specs if s.stack == main and not s.cross})
+    n = skeleton.n_layers.get(main)
+    if n and att_layers != list(range(n)):
+        dims.attention_layers = att_layers
+    return specs
+
+
+def _finish_attention(anatomy: Anatomy) -> None:
+    """Layers with no softmax attention (SSM / linear-attention / convolution mixers) and why."""
+    layered: dict[tuple[str, int], set[str]] = {}
+    for e in anatomy.entries.values():
+        if e.layer is not None:
+            layered.setdefault((e.stack, e.layer), set()).add(e.role)
+    with_attn = {(s.stack, s.layer) for s in anatomy.attention if not s.cross}
+    for key, roles in sorted(layered.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if key in with_attn or roles & set(ATTENTION_ROLES):
+            continue
+        if any(r.startswith("ssm.") for r in roles):
+            anatomy.skipped_layers[key] = "no softmax attention (SSM / linear-attention / convolution mixer)"
+        elif roles & set(CROSS_ROLES):
+            continue
+        elif any(r.startswith(("mlp.", "moe.")) for r in roles):
+            anatomy.skipped_layers[key] = "no attention weights in this layer"
 
 
 def _mark_transposed(entries: dict[str, TensorEntry], dims: Dims, family: str) -> None:
@@ -385,3 +410,7 @@ def _tied(entries: dict[str, TensorEntry], config: dict[str, Any] | None, family
     if has_embed and not has_head:
         return True if family not in ("bert",) else None
     return None  # decided from the data: see pipeline (equal content hashes)
+
+
+__all__ = ["ROLES", "Anatomy", "AttentionSpec", "Dims", "Part", "TensorEntry", "build_anatomy", "classify",
+           "detect_family", "dims_from_config", "expert_of", "layer_of", "shape_text"]

@@ -22,14 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..anatomy import Anatomy, build_anatomy
+from ..anatomy import ATTENTION_ROLES, CROSS_ROLES, Anatomy, build_anatomy
 from ..config import Config
 from ..errors import LayerscopeError
 from .metrics.spectral import energy_rank, entropy_rank, spectral_norm
@@ -53,6 +53,12 @@ class LayerAttention:
     v: torch.Tensor  # (n_kv_heads · head_dim, d_model)
     o: torch.Tensor  # (d_model, n_heads · head_dim)
     key: str  # content identity of the four matrices and their head layout
+    stack: str = ""  # "encoder" / "decoder" in an encoder-decoder
+    cross: bool = False  # cross-attention: queries from the decoder, keys and values from the encoder
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None  # of queries and keys
+    v_head_dim: int | None = None  # of values (differs from head_dim in MLA)
 
 
 @dataclass
@@ -106,57 +112,154 @@ def circuit_metrics(c: Circuit, h: int, energy_level: float = 0.99) -> dict[str,
 
 
 # -- reading each layer's attention weights -------------------------------------------------------
-def attention_layers(source: Source, anatomy: Anatomy) -> Iterator[LayerAttention]:
+@dataclass
+class Skipped:
+    stack: str
+    layer: int
+    reason: str
+
+
+def _blocks(anatomy: Anatomy) -> dict[tuple[str, int, bool], dict[str, Any]]:
+    """Attention entries grouped by (stack, layer, cross): {role without prefix: entry}."""
+    blocks: dict[tuple[str, int, bool], dict[str, Any]] = {}
+    for e in anatomy.entries.values():
+        if e.layer is None or len(e.shape) != 2:
+            continue
+        if e.role in ATTENTION_ROLES or e.role in CROSS_ROLES:
+            cross = e.role.startswith("xattn.")
+            blocks.setdefault((e.stack, e.layer, cross), {}).setdefault(e.role.split(".", 1)[1], e)
+    return blocks
+
+
+def _spec(anatomy: Anatomy, stack: str, layer: int, cross: bool):
+    for s in anatomy.attention:
+        if (s.stack, s.layer, s.cross) == (stack, layer, cross):
+            return s.n_heads, s.n_kv_heads, s.head_dim, s.mla, s.v_head_dim
     d = anatomy.dims
-    if not d.n_heads or not d.head_dim:
-        raise LayerscopeError(f"{source.label}: number of attention heads unknown (no config.json and not inferable)")
-    layers = sorted({e.layer for e in anatomy.entries.values() if e.layer is not None and e.role.startswith("attn.")})
-    if not layers:
-        raise LayerscopeError(f"{source.label}: no attention weights found (looked for roles attn.q/k/v/o or attn.qkv)")
-    for layer in layers:
-        by_role = {e.role: e for e in anatomy.entries.values() if e.layer == layer and e.role.startswith("attn.")
-                   and len(e.shape) == 2}
-        hashes: list[str] = []
-
-        def read(role: str) -> torch.Tensor:
-            entry = by_role[role]
-            t, digest = source.read(entry.name)
-            hashes.append(digest)
-            w = t.to(torch.float64)
-            return w.T if entry.transposed else w
-
-        if "attn.qkv" in by_role:
-            entry = by_role["attn.qkv"]
-            t, digest = source.read(entry.name)
-            hashes.append(digest)
-            parts = anatomy.split_qkv(entry.name, t.to(torch.float64))
-            q, k, v = parts["q"], parts["k"], parts["v"]
-        elif {"attn.q", "attn.k", "attn.v"} <= set(by_role):
-            q, k, v = read("attn.q"), read("attn.k"), read("attn.v")
-        else:
-            raise LayerscopeError(f"{source.label}: layer {layer} lacks q/k/v attention weights (found {sorted(by_role)})")
-        if "attn.o" not in by_role:
-            raise LayerscopeError(f"{source.label}: layer {layer} lacks the attention output projection")
-        o = read("attn.o")
-        hd, nh = d.head_dim, d.n_heads
-        nkv = d.n_kv_heads or nh
-        if q.shape[0] != nh * hd or k.shape[0] != nkv * hd or o.shape[1] != nh * hd:
-            raise LayerscopeError(
-                f"{source.label}: layer {layer} attention shapes q{tuple(q.shape)} k{tuple(k.shape)} o{tuple(o.shape)} "
-                f"do not fit {nh} heads × {hd} dims with {nkv} kv heads")
-        key = hashlib.sha256("|".join(hashes + [str(nh), str(nkv), str(hd), HEADS_VERSION]).encode()).hexdigest()[:32]
-        yield LayerAttention(layer, q, k, v, o, key)
+    if d.stacks.get(stack):
+        st = d.stacks[stack]
+        return st["n_heads"], st["n_kv_heads"], st["head_dim"], None, None
+    mla = None
+    if d.kv_lora_rank:
+        mla = {"q_lora_rank": d.q_lora_rank or 0, "kv_lora_rank": d.kv_lora_rank,
+               "qk_rope_head_dim": d.qk_rope_head_dim or 0, "v_head_dim": d.v_head_dim or 0,
+               "qk_nope_head_dim": (d.head_dim or 0) - (d.qk_rope_head_dim or 0)}
+    return d.n_heads, d.n_kv_heads or d.n_heads, d.head_dim, mla, d.v_head_dim
 
 
-def layer_heads(att: LayerAttention, n_heads: int, n_kv_heads: int, head_dim: int,
-                energy_level: float = 0.99) -> list[dict[str, Any]]:
-    """Rows (one per query head) of QK and OV circuit metrics for one layer."""
+def attention_layers(source: Source, anatomy: Anatomy, skipped: list[Skipped] | None = None) -> Iterator[LayerAttention]:
+    """Each softmax-attention block's weights; blocks that cannot be read are appended to ``skipped``."""
+    skipped = skipped if skipped is not None else []
+    for (stack, layer), reason in anatomy.skipped_layers.items():
+        skipped.append(Skipped(stack, layer, reason))
+    blocks = _blocks(anatomy)
+    if not blocks:
+        why = f" ({len(anatomy.skipped_layers)} layers without softmax attention)" if anatomy.skipped_layers else ""
+        raise LayerscopeError(f"{source.label}: no attention weights found (looked for roles attn.q/k/v/o or attn.qkv){why}")
+    order = {"encoder": 0, "": 1, "decoder": 1}
+    for (stack, layer, cross) in sorted(blocks, key=lambda k: (order.get(k[0], 2), k[1], k[2])):
+        by_role = blocks[(stack, layer, cross)]
+        nh, nkv, hd, mla, v_hd = _spec(anatomy, stack, layer, cross)
+        try:
+            if not nh or not hd:
+                raise LayerscopeError("number of attention heads unknown (no config.json and not inferable)")
+            att = _read_block(source, anatomy, by_role, stack, layer, cross, nh, nkv or nh, hd, mla, v_hd)
+        except LayerscopeError as exc:
+            msg = str(exc).removeprefix(f"{source.label}: ")
+            skipped.append(Skipped(stack, layer, ("cross-attention: " if cross else "") + msg))
+            continue
+        yield att
+
+
+def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack: str, layer: int, cross: bool,
+                nh: int, nkv: int, hd: int, mla: dict[str, int] | None, v_hd: int | None) -> LayerAttention:
+    hashes: list[str] = []
+
+    def read(role: str) -> torch.Tensor:
+        entry = by_role[role]
+        t, digest = source.read(entry.name)
+        hashes.append(digest)
+        w = t.to(torch.float64)
+        return w.T if entry.transposed else w
+
+    where = f"layer {layer}" if not stack else f"{stack} layer {layer}"
+    if "o" not in by_role:
+        raise LayerscopeError(f"{where} lacks the attention output projection")
+    if "kv_b" in by_role and mla:
+        q, k, v, layout = _mla_qkv(source, anatomy, by_role, read, layer, nh, mla, hashes)
+        nkv, v_hd = nh, mla["v_head_dim"]
+    elif "qkv" in by_role:
+        entry = by_role["qkv"]
+        t, digest = source.read(entry.name)
+        hashes.append(digest)
+        parts = anatomy.split_qkv(entry.name, t.to(torch.float64))
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        layout = entry.layout
+    elif {"q", "k", "v"} <= set(by_role):
+        q, k, v = read("q"), read("k"), read("v")
+        layout = ""
+    else:
+        raise LayerscopeError(f"{where} lacks q/k/v attention weights (found {sorted(by_role)})")
+    o = read("o")
+    v_hd = v_hd or hd
+    if q.shape[0] != nh * hd or k.shape[0] != nkv * hd or v.shape[0] != nkv * v_hd or o.shape[1] != nh * v_hd:
+        raise LayerscopeError(
+            f"{where} attention shapes q{tuple(q.shape)} k{tuple(k.shape)} o{tuple(o.shape)} "
+            f"do not fit {nh} heads × {hd} dims with {nkv} kv heads")
+    extra = [] if not (stack or cross or layout or v_hd != hd) else [stack, str(cross), layout, str(v_hd)]
+    key = hashlib.sha256("|".join(hashes + [str(nh), str(nkv), str(hd), HEADS_VERSION] + extra).encode()).hexdigest()[:32]
+    return LayerAttention(layer, q, k, v, o, key, stack, cross, nh, nkv, hd, v_hd)
+
+
+def _mla_qkv(source, anatomy, by_role, read, layer, nh, mla, hashes):
+    """Multi-head latent attention: each head's query, key and value as (width, d_model) factors.
+
+    q_h = W_qb,h · diag(γ_qa) · W_qa (or q_proj's head rows); k_h = [W_kvb,h(nope) · diag(γ_kva) · W_kva[:r] ;
+    W_kva[r:]] (the rope rows of kv_a_proj_with_mqa are one key shared by all heads); v_h = W_kvb,h(v) ·
+    diag(γ_kva) · W_kva[:r]. The RMSNorm weights γ are linear and included; the norms' per-token 1/rms
+    scale is not a weight and is left out, as the rotation by position is (pre-rotation kernel).
+    """
+    r, nope, rope, v_hd = mla["kv_lora_rank"], mla["qk_nope_head_dim"], mla["qk_rope_head_dim"], mla["v_head_dim"]
+    norms = {e.name.rsplit(".", 2)[-2]: e for e in anatomy.entries.values()
+             if e.layer == layer and e.role == "norm" and e.stack == by_role["kv_b"].stack and len(e.shape) == 1
+             and e.name.endswith(".weight")}
+
+    def gamma(key: str, size: int) -> torch.Tensor:
+        e = norms.get(key)
+        if e is None:
+            return torch.ones(size, dtype=torch.float64)
+        t, digest = source.read(e.name)
+        hashes.append(digest)
+        return t.to(torch.float64)
+
+    if "q_b" in by_role:
+        qa = read("q_a")
+        q = read("q_b") @ (gamma("q_a_layernorm", qa.shape[0])[:, None] * qa)
+    else:
+        q = read("q")
+    kva = read("kv_a")
+    latent = gamma("kv_a_layernorm", r)[:, None] * kva[:r]
+    kvb = read("kv_b").reshape(nh, nope + v_hd, r)
+    k_nope = kvb[:, :nope] @ latent  # (nh, nope, d)
+    k_rope = kva[r:r + rope].expand(nh, rope, kva.shape[1])
+    k = torch.cat([k_nope, k_rope], dim=1).reshape(nh * (nope + rope), -1)
+    v = (kvb[:, nope:] @ latent).reshape(nh * v_hd, -1)
+    return q, k, v, "mla"
+
+
+def layer_heads(att: LayerAttention, n_heads: int | None = None, n_kv_heads: int | None = None,
+                head_dim: int | None = None, energy_level: float = 0.99) -> list[dict[str, Any]]:
+    """Rows (one per query head) of QK and OV circuit metrics for one attention block."""
+    n_heads = n_heads or att.n_heads
+    n_kv_heads = n_kv_heads or att.n_kv_heads or n_heads
+    head_dim = head_dim or att.head_dim
+    v_hd = att.v_head_dim or head_dim
     group = n_heads // n_kv_heads
     kv_of = [h // group for h in range(n_heads)]
     wq = att.q.reshape(n_heads, head_dim, -1)
     wk = att.k.reshape(n_kv_heads, head_dim, -1)[kv_of]
-    wv = att.v.reshape(n_kv_heads, head_dim, -1)[kv_of]
-    wo_t = att.o.T.reshape(n_heads, head_dim, -1)  # W_O,hᵀ: (head_dim, d_model) per head
+    wv = att.v.reshape(n_kv_heads, v_hd, -1)[kv_of]
+    wo_t = att.o.T.reshape(n_heads, v_hd, -1)  # W_O,hᵀ: (v_head_dim, d_model) per head
     circuits = {"qk": factored_circuit(wq, wk), "ov": factored_circuit(wo_t, wv)}
     rows = []
     for h in range(n_heads):
@@ -173,9 +276,10 @@ class HeadsResult:
     table: pd.DataFrame  # one row per (layer, head); *_top_eigs hold [re, im] pairs
     anatomy: Anatomy
     source: Source
-    low_rank: list[tuple[int, int]]
-    high_rank: list[tuple[int, int]]
+    low_rank: list[tuple[Any, int]]
+    high_rank: list[tuple[Any, int]]  # (layer, head); encoder-decoders: ("enc0" / "dec0" / "dec0x" cross, head)
     thresholds: tuple[float, float]
+    skipped: list[Skipped] = field(default_factory=list)  # layers without (readable) softmax attention, and why
 
     def save(self, path) -> None:
         from ..views import write_table
@@ -197,18 +301,33 @@ def heads(source: Any, config: Config | None = None, *, low_pct: float = 25.0, h
     level = 0.99
     params = json.dumps({"energy_level": level, "top_eigs": TOP_EIGS, "nonzero_rtol": NONZERO_RTOL})
     rows: list[dict[str, Any]] = []
-    n_layers = d.n_layers or 0
+    skipped: list[Skipped] = []
+    n_blocks = len(_blocks(anatomy))
+    labelled = len(anatomy.stacks) > 1 or any(s.cross for s in anatomy.attention) or any(
+        e.role.startswith("xattn.") for e in anatomy.entries.values())
     with Store(config.resolved_store()) as store:
-        for i, att in enumerate(attention_layers(src, anatomy)):
+        for i, att in enumerate(attention_layers(src, anatomy, skipped)):
             cached = store.artifact(att.key, "heads", params) if config.cache else None
             if cached is None:
-                cached = layer_heads(att, d.n_heads, d.n_kv_heads or d.n_heads, d.head_dim, level)
+                cached = layer_heads(att, energy_level=level)
                 store.put_artifact(att.key, "heads", params, cached)
+            if labelled:  # encoder-decoder: which stack, and self- or cross-attention
+                cached = [{"stack": att.stack, "attention": "cross" if att.cross else "self", **r} for r in cached]
             rows.extend(cached)
             if progress:
-                progress(i + 1, n_layers, f"layer {att.layer}")
+                progress(i + 1, n_blocks, f"layer {att.layer}")
+    if not rows:
+        first = skipped[0].reason if skipped else "no attention blocks"
+        raise LayerscopeError(f"{src.label}: no softmax-attention layer could be analysed ({len(skipped)} skipped; "
+                              f"first: {first})")
     table = pd.DataFrame(rows)
     ranks = table["qk_entropy_rank"]
     lo, hi = float(np.nanpercentile(ranks, low_pct)), float(np.nanpercentile(ranks, high_pct))
-    pick = lambda mask: [(int(r.layer), int(r.head)) for r in table[mask].itertuples()]  # noqa: E731
-    return HeadsResult(table, anatomy, src, pick(ranks <= lo), pick(ranks >= hi), (lo, hi))
+
+    def where(r) -> Any:
+        if not labelled:
+            return int(r.layer)
+        return f"{(r.stack or '')[:3]}{int(r.layer)}{'x' if r.attention == 'cross' else ''}"
+
+    pick = lambda mask: [(where(r), int(r.head)) for r in table[mask].itertuples()]  # noqa: E731
+    return HeadsResult(table, anatomy, src, pick(ranks <= lo), pick(ranks >= hi), (lo, hi), skipped)

@@ -1,0 +1,305 @@
+"""transformers' own description of a model: its module tree, built on the meta device.
+
+When config.json names a ``model_type`` that the installed ``transformers`` knows, the model class
+is instantiated under ``torch.device("meta")`` (no memory, no weights, never ``trust_remote_code``)
+and its module tree says what names cannot: which module owns a projection (an attention, a
+cross-attention, an SSM / linear-attention mixer, an MLP, an expert block), each Linear's in/out
+features, GPT-2-style ``Conv1D`` layouts, the attention modules' own ``num_heads`` /
+``num_key_value_heads`` / ``head_dim``, which layers of a hybrid have softmax attention, and which
+stack (encoder / decoder) a layer belongs to. Building is the expensive bit, so a skeleton is cached
+per config (its JSON text). ``transformers`` is imported here only, inside :func:`build_skeleton`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+#: Class names of softmax-attention modules (innermost module owning the projections).
+ATTENTION_CLASS = re.compile(r"Attention|Attn", re.I)
+#: Non-softmax mixers: analysed as matrices (roles ssm.*), never as attention heads.
+MIXER_CLASS = re.compile(r"Mamba|Mixer|DeltaNet|LinearAttention|LightningAttention|ShortConv|RecurrentBlock|Rglru|"
+                         r"Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|FNet|Fourier|mLSTM|sLSTM|KimiDelta|Lfm2Conv|GatedConv",
+                         re.I)
+NOT_ATTENTION_CLASS = re.compile(r"Output$|Layer$|Block$|Pool|Intermediate|LayerNorm", re.I)
+MOE_CLASS = re.compile(r"Moe|MoE|Experts?$|Sparse|Switch|Router|TopK", re.I)
+MLP_CLASS = re.compile(r"MLP|FeedForward|FFN|Ffn|FF$|DenseReluDense|DenseActDense|DenseGatedActDense|GatedAct|"
+                       r"Intermediate|Output$|PositionWise|Expert", re.I)
+CROSS_PATH = re.compile(r"(?:^|\.)(?:encoder_attn|crossattention|cross_attn|cross_attention|EncDecAttention|src_attn|"
+                        r"encoder_decoder_attention|inter_attn|cross_attention_layer)(?:\.|$)")
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attention_heads")
+KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv")
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "key_value_proj_dim", "qk_head_dim", "dim_head")
+EXPERT_LIST = re.compile(r"(?:^|\.)(?:experts|local_experts|expert|mlp_experts)$")
+
+
+@dataclass
+class ModuleRecord:
+    """One parameter-owning module of the skeleton."""
+
+    path: str
+    cls: str
+    kind: str  # "linear", "conv1d" (GPT-2 Conv1D: weight stored (in, out)), "embedding", "norm", "conv", "other"
+    in_features: int | None = None
+    out_features: int | None = None
+
+
+@dataclass
+class AttentionRecord:
+    """A softmax-attention module and its head layout."""
+
+    path: str
+    cls: str
+    stack: str
+    layer: int | None
+    cross: bool
+    n_heads: int | None
+    n_kv_heads: int | None
+    head_dim: int | None
+    mla: dict[str, int] | None = None  # q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+
+
+@dataclass
+class Skeleton:
+    model_type: str
+    model_class: str
+    modules: dict[str, ModuleRecord]
+    contexts: dict[str, tuple[str, str]]  # module path -> (context kind, context module path)
+    attention: dict[str, AttentionRecord]  # by attention module path
+    layers: dict[str, tuple[str, int | None]]  # module path -> (stack, layer)
+    param_names: list[str]
+    stacks: list[str]
+    n_layers: dict[str, int] = field(default_factory=dict)  # per stack
+    shared_layers: bool = False  # ALBERT: one set of weights used by every layer
+
+
+def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def build_skeleton(config: dict[str, Any] | None) -> Skeleton | None:
+    """The skeleton for ``config`` (a config.json dict), or None when transformers cannot build it."""
+    if not config or not isinstance(config.get("model_type"), str):
+        return None
+    try:
+        text = json.dumps(config, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return None
+    return _cached(text)
+
+
+@lru_cache(maxsize=16)
+def _cached(config_text: str) -> Skeleton | None:
+    try:
+        return _build(json.loads(config_text))
+    except Exception:  # noqa: BLE001 - an unbuildable config falls back to the name rules
+        return None
+
+
+def _model_class(transformers, cfg, config: dict[str, Any]):
+    for arch in config.get("architectures") or []:
+        cls = getattr(transformers, str(arch), None) if isinstance(arch, str) and arch.isidentifier() else None
+        if cls is not None and getattr(cls, "config_class", None) is type(cfg):
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    autos = [AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoModel]
+    if getattr(cfg, "is_encoder_decoder", False):
+        autos.insert(0, autos.pop(2))
+    for auto in autos:
+        if type(cfg) in auto._model_mapping:
+            return auto._model_mapping[type(cfg)]
+    return None
+
+
+def _build(config: dict[str, Any]) -> Skeleton | None:
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config["model_type"]
+    try:
+        cfg_cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        return None
+    kwargs = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            cfg = cfg_cls.from_dict(kwargs)
+            cls = _model_class(transformers, cfg, config)
+            if cls is None:
+                return None
+            with torch.device("meta"):
+                model = cls(cfg)
+        finally:
+            hf_logging.set_verbosity(level)
+    return _read(model, model_type, cls.__name__, cfg)
+
+
+def _kind(mod) -> tuple[str, int | None, int | None]:
+    import torch
+
+    cls = type(mod).__name__
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, torch.nn.Linear):
+        return "linear", mod.in_features, mod.out_features
+    if cls == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+        return "conv1d", w.shape[0], w.shape[1]
+    if isinstance(mod, torch.nn.Embedding):
+        return "embedding", mod.num_embeddings, mod.embedding_dim
+    if "norm" in cls.lower():
+        return "norm", None, None
+    if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        return "conv", None, None
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return "linear", w.shape[1], w.shape[0]
+    return "other", None, None
+
+
+def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
+    import torch
+
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    modules: dict[str, ModuleRecord] = {}
+    named = dict(model.named_modules())
+    for path, mod in named.items():
+        if any(True for _ in mod.parameters(recurse=False)):
+            kind, fin, fout = _kind(mod)
+            modules[path] = ModuleRecord(path, type(mod).__name__, kind, fin, fout)
+    param_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+
+    # layers: index in the outermost ModuleList of blocks (not an expert list) on the path
+    layer_lists = [p for p, m in named.items() if isinstance(m, torch.nn.ModuleList) and not EXPERT_LIST.search(p)
+                   and len(m) and all(isinstance(c, torch.nn.Module) for c in m)]
+    layers: dict[str, tuple[str, int | None]] = {}
+    n_layers: dict[str, int] = {}
+    stacks: list[str] = []
+    for path in named:
+        stack = _stack_of(path)
+        layer = None
+        for lst in layer_lists:
+            prefix = lst + "." if lst else ""
+            if path.startswith(prefix) and path != lst:
+                rest = path[len(prefix):].split(".", 1)[0]
+                if rest.isdigit():
+                    layer = int(rest)
+                    break  # parents come first: the outermost list of blocks
+        layers[path] = (stack, layer)
+        if layer is not None:
+            n_layers[stack] = max(n_layers.get(stack, 0), layer + 1)
+            if stack not in stacks:
+                stacks.append(stack)
+    if len(stacks) < 2:  # one stack of layers (BERT's "encoder", or none named): no stack label
+        layers = {p: ("", layer) for p, (_, layer) in layers.items()}
+        n_layers = {"": max(n_layers.values())} if n_layers else {}
+        stacks = [""]
+
+    contexts: dict[str, tuple[str, str]] = {}
+    attention: dict[str, AttentionRecord] = {}
+    for path, mod in named.items():
+        cls = type(mod).__name__
+        kind = None
+        if MIXER_CLASS.search(cls) and not re.search(r"Attention$", cls) or MIXER_CLASS.search(cls) and "Linear" in cls:
+            kind = "mixer"
+        elif ATTENTION_CLASS.search(cls) and not NOT_ATTENTION_CLASS.search(cls):
+            kind = "attn"
+        elif MOE_CLASS.search(cls) and not ATTENTION_CLASS.search(cls):
+            kind = "moe"
+        elif MLP_CLASS.search(cls) and not ATTENTION_CLASS.search(cls):
+            kind = "mlp"
+        if kind is None:
+            continue
+        if kind == "attn":
+            cross = bool(CROSS_PATH.search(path)) or "cross" in cls.lower() or "encdec" in cls.lower() or bool(
+                getattr(mod, "is_cross_attention", False))
+            if cross:
+                kind = "xattn"
+        contexts[path] = (kind, path)
+        if kind in ("attn", "xattn") and _owns_projections(mod):
+            attention[path] = _attention_record(path, mod, text_cfg, layers[path], kind == "xattn")
+    # nested attention wrappers (T5LayerSelfAttention around T5Attention): the innermost one describes the heads
+    attention = {p: a for p, a in attention.items() if not any(q.startswith(p + ".") for q in attention)}
+    skeleton = Skeleton(model_type, class_name, modules, contexts, attention, layers, param_names, stacks or [""],
+                        n_layers, shared_layers=_shared(model_type, text_cfg, n_layers))
+    return skeleton
+
+
+def _stack_of(path: str) -> str:
+    m = re.search(r"(?:^|\.)(encoder|decoder)(?:\.|$)", path)
+    return m.group(1) if m else ""
+
+
+def _owns_projections(mod) -> bool:
+    import torch
+
+    linears = 0
+    for child in mod.modules():
+        if child is mod:
+            continue
+        w = getattr(child, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(child, torch.nn.Embedding):
+            linears += 1
+    own = [p for p in mod.parameters(recurse=False) if p.dim() >= 2]
+    return linears >= 2 or bool(own)
+
+
+def _attention_record(path: str, mod, cfg, where: tuple[str, int | None], cross: bool) -> AttentionRecord:
+    modcfg = getattr(mod, "config", None)
+    nh = _int_attr(mod, HEAD_ATTRS) or (_int_attr(modcfg, ("num_attention_heads",)) if modcfg is not None else None)
+    if nh is None:
+        nh = _int_attr(cfg, ("decoder_attention_heads" if where[0] == "decoder" else "encoder_attention_heads",
+                             "num_attention_heads", "n_head", "num_heads"))
+    hd = _int_attr(mod, HEAD_DIM_ATTRS)
+    kv = _int_attr(mod, KV_ATTRS)
+    groups = getattr(mod, "num_key_value_groups", None)
+    if kv is None and isinstance(groups, int) and groups > 0 and nh:
+        kv = nh // groups
+    if hd is None and nh:
+        hidden = _int_attr(cfg, ("hidden_size", "d_model", "n_embd"))
+        hd = hidden // nh if hidden else None
+    if kv is None and nh and hd:
+        kv = _kv_from_shapes(mod, nh, hd)
+    mla = None
+    names = {n for n, _ in mod.named_children()}
+    if "kv_b_proj" in names and ("kv_a_proj_with_mqa" in names or "kv_a_proj" in names):
+        mla = {k: int(getattr(mod, k, None) or getattr(cfg, k, 0) or 0)
+               for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
+        hd = mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
+        kv = nh
+    return AttentionRecord(path, type(mod).__name__, where[0], where[1], cross, nh, kv, hd, mla)
+
+
+def _kv_from_shapes(mod, nh: int, hd: int) -> int | None:
+    """Shape reasoning: k rows / head_dim, or a fused q|k|v of nh·hd + 2·kv·hd rows (MQA / GQA)."""
+    import torch
+
+    for name, child in mod.named_children():
+        w = getattr(child, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        out = w.shape[1] if type(child).__name__ == "Conv1D" else w.shape[0]
+        if re.fullmatch(r"k_proj|key|k|wk|k_lin|key_proj", name) and out % hd == 0:
+            return out // hd
+        if re.fullmatch(r"c_attn|query_key_value|qkv_proj|Wqkv|qkv", name) and (out - nh * hd) % (2 * hd) == 0:
+            return max(1, (out - nh * hd) // (2 * hd))
+    return None
+
+
+def _shared(model_type: str, cfg, n_layers: dict[str, int]) -> bool:
+    """ALBERT-style weight sharing: fewer stored layers than the config runs."""
+    groups = getattr(cfg, "num_hidden_groups", None)
+    total = getattr(cfg, "num_hidden_layers", None)
+    return isinstance(groups, int) and isinstance(total, int) and groups < total
