@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-NOT_SOFTMAX = re.compile(r"Linear|Mamba|DeltaNet|Lightning|RecurrentBlock|Rglru|Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|ShortConv|"
+NOT_SOFTMAX = re.compile(r"LinearAttention|LinearAttn|Mamba|DeltaAttention|DeltaNet|Lightning|RecurrentBlock|Rglru|Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|ShortConv|"
                          r"Fourier|FNet|Lsh|LSH", re.I)
 ATTN_CLASS = re.compile(r"Attention|Attn", re.I)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
@@ -57,11 +57,11 @@ def softmax_attention_modules(model):
         cls = type(mod).__name__
         if not ATTN_CLASS.search(cls) or NOT_SOFTMAX.search(cls) or re.search(r"Output|Layer$|Block$|Pool", cls):
             continue
-        owns = [c for c in mod.children() if isinstance(getattr(c, "weight", None), torch.Tensor)
+        owns = [c for c in mod.modules() if c is not mod and isinstance(getattr(c, "weight", None), torch.Tensor)
                 and getattr(c, "weight").dim() == 2 and not isinstance(c, torch.nn.Embedding)]
         if len(owns) >= 2 or any(isinstance(p, torch.Tensor) and p.dim() >= 2 for p in mod.parameters(recurse=False)):
             out.append((name, mod))
-    return out
+    return [(n, m) for n, m in out if not any(o.startswith(n + ".") for o, _ in out)]  # innermost
 
 
 def truth(model, config):
@@ -123,7 +123,7 @@ def check(model_type: str) -> dict:
             row["path"] = getattr(anatomy, "path", "names")
             bad = [n for n, e in anatomy.entries.items()
                    if len(e.shape) in (2, 3) and "float" in str(e.dtype).lower() + "float" and re.search(r"\.\d+\.", n)
-                   and (e.role in ("other", "bias") or e.layer is None)]
+                   and (e.role == "other" or (e.role == "bias" and not re.search(r"bias\w*$", n)) or e.layer is None)]
             bad = [n for n in bad if anatomy.entries[n].dtype.upper().startswith(("F", "BF"))]
             row["classified"] = not bad
             if bad:
@@ -141,7 +141,7 @@ def check(model_type: str) -> dict:
             try:
                 res = layerscope.heads(path, store=str(Path(tmp) / "s.sqlite"), cache=False)
                 got_rows = len(res.table)
-                keys = [c for c in ("stack", "kind", "layer", "head") if c in res.table.columns]
+                keys = [c for c in ("stack", "attention", "layer", "head") if c in res.table.columns]
                 unique = got_rows == 0 or not res.table.duplicated(subset=keys).any()
                 row["heads"] = got_rows == want_rows and unique
                 if not row["heads"]:

@@ -32,7 +32,7 @@ SMALL: dict[str, Any] = {
     "num_key_value_heads": 2, "n_head_kv": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
     "head_dim": 16, "d_kv": 16, "attention_head_size": 16,
     "intermediate_size": 128, "n_inner": 128, "d_ff": 128, "ffn_dim": 128, "encoder_ffn_dim": 128,
-    "decoder_ffn_dim": 128, "hidden_dim": 128, "ffn_hidden_size": 128, "dff": 128,
+    "decoder_ffn_dim": 128, "hidden_dim": 128, "dim_ff": 128, "dim_head": 16, "ffn_hidden_size": 128, "dff": 128,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 32,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_group": 1, "topk_group": 1,

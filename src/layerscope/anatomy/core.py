@@ -249,8 +249,27 @@ def build_anatomy(infos: dict[str, TensorInfo], config: dict[str, Any] | None = 
     return anatomy
 
 
-def _map_names(names: Iterable[str], params: list[str]) -> dict[str, str]:
-    """Checkpoint name -> skeleton parameter name, allowing a different head/prefix (``model.``, ``bert.``)."""
+def _map_names(names: Iterable[str], params: list[str], modules: Iterable[str] = ()) -> dict[str, str]:
+    """Checkpoint name -> skeleton parameter name, allowing a different head/prefix (``model.``, ``bert.``).
+
+    A name the skeleton does not have (``save_pretrained`` renames some, e.g. Kimi's ``forget_gate.f_a_proj``
+    is written ``f_a_proj``) is placed under its deepest enclosing module that the skeleton does have."""
+    exact = set(params)
+    out = _map_tails(names, params)
+    rest = [n for n in names if n not in out]
+    if rest and modules:
+        mods = [m for m in modules if m]
+        for n in rest:
+            parts = n.split(".")
+            for cut in range(len(parts) - 2, 1, -1):
+                hit = _map_tails([".".join(parts[:cut])], mods).get(".".join(parts[:cut]))
+                if hit:
+                    out[n] = hit + "." + ".".join(parts[cut:])
+                    break
+    return out
+
+
+def _map_tails(names: Iterable[str], params: list[str]) -> dict[str, str]:
     exact = set(params)
     index: dict[str, str | None] = {}
     for p in params:
@@ -293,7 +312,7 @@ def _context(skeleton, owner: str) -> tuple[str, str] | None:
 
 
 def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> None:
-    mapping = _map_names(entries, skeleton.param_names)
+    mapping = _map_names(entries, skeleton.param_names, skeleton.layers)
     d_model = dims.d_model
     for name, e in entries.items():
         pname = mapping.get(name)
@@ -301,7 +320,10 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
             continue
         owner = pname.rsplit(".", 1)[0] if "." in pname else ""
         rec = skeleton.modules.get(owner)
-        stack, layer = skeleton.layers.get(owner, ("", None))
+        anchor = owner
+        while anchor not in skeleton.layers and "." in anchor:
+            anchor = anchor.rsplit(".", 1)[0]
+        stack, layer = skeleton.layers.get(anchor, ("", None))
         e.stack, e.layer = stack, layer
         e.transposed = bool(rec and rec.kind == "conv1d")
         if rec is not None and rec.kind == "norm":
@@ -309,7 +331,7 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
             continue
         if rec is not None and rec.kind == "embedding" and e.role not in ("other", "bias"):
             continue
-        ctx = _context(skeleton, owner)
+        ctx = _context(skeleton, anchor)
         if ctx is None:
             if e.role == "other" and layer is not None and len(e.shape) == 2 and rec is not None:
                 e.role = _by_shape("mlp", rec, d_model) or e.role
@@ -318,7 +340,10 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
         inner = pname[len(ctx_path) + 1:] if ctx_path else pname
         role = classify_in_context(kind, inner)
         if role is None:
-            if len(e.shape) <= 1 or rec is None or rec.kind not in ("linear", "conv1d", "conv"):
+            if rec is None and len(e.shape) == 2 and kind in ("mlp", "mixer", "attn", "xattn", "moe"):
+                role = {"mixer": "ssm.aux", "attn": "attn.aux", "xattn": "xattn.aux", "moe": "moe.aux",
+                        "mlp": "mlp.aux"}[kind]
+            elif len(e.shape) <= 1 or rec is None or rec.kind not in ("linear", "conv1d", "conv"):
                 role = {"mixer": "ssm.param", "attn": "attn.aux", "xattn": "xattn.aux", "moe": "moe.aux",
                         "mlp": "mlp.aux"}[kind]
                 if kind == "moe" and e.role.startswith("moe."):

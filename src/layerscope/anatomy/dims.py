@@ -14,7 +14,7 @@ from typing import Any
 #: config.json keys per dim, first present wins (HF names, then GPT-2/nanoGPT names, then others).
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "n_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
-    "d_model": ("hidden_size", "n_embd", "d_model", "dim"),
+    "d_model": ("hidden_size", "n_embd", "d_model", "dim", "emb_dim"),
     "d_ff": ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim"),
     "n_heads": ("num_attention_heads", "n_head", "n_heads"),
     "n_kv_heads": ("num_key_value_heads", "n_head_kv", "n_kv_heads", "multi_query_group_num"),

@@ -22,10 +22,10 @@ from typing import Any
 #: Class names of softmax-attention modules (innermost module owning the projections).
 ATTENTION_CLASS = re.compile(r"Attention|Attn", re.I)
 #: Non-softmax mixers: analysed as matrices (roles ssm.*), never as attention heads.
-MIXER_CLASS = re.compile(r"Mamba|Mixer|DeltaNet|LinearAttention|LightningAttention|ShortConv|RecurrentBlock|Rglru|"
+MIXER_CLASS = re.compile(r"Mamba|DeltaNet|DeltaAttention|LinearAttention|LightningAttention|ShortConv|RecurrentBlock|Rglru|"
                          r"Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|FNet|Fourier|mLSTM|sLSTM|KimiDelta|Lfm2Conv|GatedConv",
                          re.I)
-NOT_ATTENTION_CLASS = re.compile(r"Output$|Layer$|Block$|Pool|Intermediate|LayerNorm", re.I)
+NOT_ATTENTION_CLASS = re.compile(r"Output$|Layer$|Block$|Pool|Intermediate|Norm$", re.I)
 MOE_CLASS = re.compile(r"Moe|MoE|Experts?$|Sparse|Switch|Router|TopK", re.I)
 MLP_CLASS = re.compile(r"MLP|FeedForward|FFN|Ffn|FF$|DenseReluDense|DenseActDense|DenseGatedActDense|GatedAct|"
                        r"Intermediate|Output$|PositionWise|Expert", re.I)
@@ -130,7 +130,8 @@ def _build(config: dict[str, Any]) -> Skeleton | None:
         cfg_cls = CONFIG_MAPPING[model_type]
     except KeyError:
         return None
-    kwargs = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
+    kwargs = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")
+              and not isinstance(getattr(cfg_cls, k, None), property)}  # derived keys (layers_block_type) are read-only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from transformers.utils import logging as hf_logging
@@ -209,10 +210,14 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
 
     contexts: dict[str, tuple[str, str]] = {}
     attention: dict[str, AttentionRecord] = {}
+    # class names carry the family's name (GraniteMoeHybrid..., KimiLinear...): match on what follows it
+    family_prefix = re.sub(r"(?:For[A-Z]\w*|Model|LMHeadModel|WithLMHead\w*)$", "", class_name)
     for path, mod in named.items():
         cls = type(mod).__name__
+        if family_prefix and cls.startswith(family_prefix) and cls != family_prefix:
+            cls = cls[len(family_prefix):]
         kind = None
-        if MIXER_CLASS.search(cls) and not re.search(r"Attention$", cls) or MIXER_CLASS.search(cls) and "Linear" in cls:
+        if MIXER_CLASS.search(cls):
             kind = "mixer"
         elif ATTENTION_CLASS.search(cls) and not NOT_ATTENTION_CLASS.search(cls):
             kind = "attn"

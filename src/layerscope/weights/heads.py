@@ -202,6 +202,13 @@ def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack
         raise LayerscopeError(f"{where} lacks q/k/v attention weights (found {sorted(by_role)})")
     o = read("o")
     v_hd = v_hd or hd
+    if q.shape[0] == 2 * nh * hd and k.shape[0] == nkv * hd:
+        # gated queries (Qwen3-Next, Qwen3.5): q_proj gives per head [query (hd) | output gate (hd)]
+        q = q.reshape(nh, 2, hd, q.shape[1])[:, 0].reshape(nh * hd, q.shape[1])
+        layout = layout or "gated_q"
+    if q.shape[1] != o.shape[0]:
+        raise LayerscopeError(f"{where} attention reads a {q.shape[1]}-wide input but writes {o.shape[0]}: "
+                              f"its QK and OV circuits are not square")
     if q.shape[0] != nh * hd or k.shape[0] != nkv * hd or v.shape[0] != nkv * v_hd or o.shape[1] != nh * v_hd:
         raise LayerscopeError(
             f"{where} attention shapes q{tuple(q.shape)} k{tuple(k.shape)} o{tuple(o.shape)} "
@@ -317,7 +324,8 @@ def heads(source: Any, config: Config | None = None, *, low_pct: float = 25.0, h
             if progress:
                 progress(i + 1, n_blocks, f"layer {att.layer}")
     if not rows:
-        first = skipped[0].reason if skipped else "no attention blocks"
+        reasons = [s.reason for s in skipped if "no softmax attention" not in s.reason] or [s.reason for s in skipped]
+        first = reasons[0] if reasons else "no attention blocks"
         raise LayerscopeError(f"{src.label}: no softmax-attention layer could be analysed ({len(skipped)} skipped; "
                               f"first: {first})")
     table = pd.DataFrame(rows)
