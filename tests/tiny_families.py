@@ -159,18 +159,24 @@ FAMILY_FIXES: dict[str, dict[str, Any]] = {
 
 
 def model_class(config):
-    """The family's LM class: causal LM, else masked LM, else seq2seq LM, else the bare model."""
+    """The family's LM class: causal LM, else masked LM, else seq2seq LM, else the bare model
+    (seq2seq first for encoder-decoders)."""
     from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                               AutoModelForSeq2SeqLM)
 
-    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoModel):
+    autos = [AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoModel]
+    if getattr(config, "is_encoder_decoder", False):
+        autos.insert(0, autos.pop(2))  # BART-style: the whole encoder-decoder, not only its decoder
+    for auto in autos:
         if type(config) in auto._model_mapping:
             return auto._model_mapping[type(config)]
     raise ValueError(f"no model class for {config.model_type}")
 
 
-def build_tiny(model_type: str, directory: str | os.PathLike, seed: int = 0):
-    """Write a tiny random ``model_type`` checkpoint (safetensors + config.json); return (path, model)."""
+def build_tiny(model_type: str, directory: str | os.PathLike, seed: int = 0, prepare=None):
+    """Write a tiny random ``model_type`` checkpoint (safetensors + config.json); return (path, model).
+
+    ``prepare(model)``, if given, may change the weights before they are saved."""
     import torch
 
     config = tiny_config(model_type)
@@ -182,6 +188,8 @@ def build_tiny(model_type: str, directory: str | os.PathLike, seed: int = 0):
         raise ValueError(f"does not shrink: {n:,} parameters")
     torch.manual_seed(seed)
     model = cls(config).eval()
+    if prepare is not None:
+        prepare(model)
     path = Path(directory)
     model.save_pretrained(path)
     return path, model

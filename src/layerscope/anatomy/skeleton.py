@@ -130,7 +130,7 @@ def _build(config: dict[str, Any]) -> Skeleton | None:
         cfg_cls = CONFIG_MAPPING[model_type]
     except KeyError:
         return None
-    kwargs = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")
+    kwargs = {k: _decode(v) for k, v in config.items() if k not in ("auto_map", "transformers_version")
               and not isinstance(getattr(cfg_cls, k, None), property)}  # derived keys (layers_block_type) are read-only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,6 +148,17 @@ def _build(config: dict[str, Any]) -> Skeleton | None:
         finally:
             hf_logging.set_verbosity(level)
     return _read(model, model_type, cls.__name__, cfg)
+
+
+def _decode(value: Any) -> Any:
+    """transformers writes non-finite floats to config.json as {"__float__": "Infinity"}."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
 
 
 def _kind(mod) -> tuple[str, int | None, int | None]:

@@ -1,0 +1,197 @@
+"""The anatomy on tiny random instances of the ~40 best-known families (real config classes, saved
+with save_pretrained), and ``heads`` against a direct float64 computation on the new layouts:
+Falcon (multi-query fused), BLOOM (per-head interleaved), StarCoder (gpt_bigcode MQA), GPT-Neo,
+GPT-J, CodeGen (mp4 fused), DeepSeek-V3 (multi-head latent attention), T5 (self + cross) and
+Jamba (hybrid: the Mamba layer is skipped with its reason)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import layerscope
+import tiny_families
+from test_heads import direct_circuit
+
+FAMILIES = ["gpt2", "gpt_neo", "gptj", "codegen", "gpt_neox", "bloom", "falcon", "gpt_bigcode", "llama", "mistral",
+            "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
+            "olmo", "olmo2", "stablelm", "starcoder2", "deepseek_v2", "deepseek_v3", "bert", "roberta", "distilbert",
+            "albert", "electra", "deberta-v2", "mpnet", "modernbert", "t5", "mt5", "bart", "mbart", "jamba",
+            "qwen3_next", "nemotron_h"]
+ENC_DEC = {"t5", "mt5", "bart", "mbart"}
+RTOL = 1e-6
+
+
+def _build(family, tmp_path, prepare=None):
+    path, model = tiny_families.build_tiny(family, tmp_path / family, prepare=prepare)
+    return path, model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layer_matrix_has_a_role_and_the_dims_are_right(family, tmp_path):
+    path, model = _build(family, tmp_path)
+    anatomy = layerscope.inspect(path)
+    assert anatomy.path == "skeleton"
+    unclassified = [n for n, e in anatomy.entries.items() if len(e.shape) >= 2 and e.layer is None
+                    and (".layers." in n or ".layer." in n or ".h." in n or ".block." in n)]
+    assert not unclassified
+    layer_mats = [e for e in anatomy.entries.values() if len(e.shape) in (2, 3) and e.layer is not None]
+    assert layer_mats and all(e.role != "other" for e in layer_mats), [e.name for e in layer_mats if e.role == "other"]
+    cfg = model.config
+    d = anatomy.dims
+    assert d.d_model == cfg.hidden_size and d.vocab_size == cfg.vocab_size
+    if family in ("deepseek_v2", "deepseek_v3"):
+        assert (d.n_heads, d.n_kv_heads, d.head_dim, d.v_head_dim, d.kv_lora_rank, d.q_lora_rank) == (
+            cfg.num_attention_heads, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+            cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank)
+    elif family in ("falcon", "gpt_bigcode"):
+        assert (d.n_heads, d.n_kv_heads, d.head_dim) == (4, 1, 16)  # multi-query
+    elif family == "gpt_neo":
+        assert (d.n_heads, d.n_kv_heads, d.head_dim) == (4, 4, 16)
+    else:
+        assert d.n_heads == cfg.num_attention_heads
+        assert d.head_dim == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    if family in ENC_DEC:
+        assert set(d.stacks) == {"encoder", "decoder"}
+        assert {e.role for e in anatomy.entries.values() if e.stack == "decoder"} >= {"xattn.q", "xattn.k", "xattn.v", "xattn.o"}
+        assert not any(e.role.startswith("xattn.") for e in anatomy.entries.values() if e.stack == "encoder")
+    if family == "jamba":
+        assert d.attention_layers == [1]
+        roles = {e.role for e in anatomy.entries.values() if e.layer == 0}
+        assert {"ssm.in", "ssm.out", "ssm.x", "ssm.dt", "ssm.conv"} <= roles and not roles & {"attn.q", "attn.o"}
+    if family == "albert":
+        assert anatomy.shared_layers
+    if family in ("qwen2_moe", "qwen3_next"):
+        assert {"moe.shared.gate", "moe.shared.up", "moe.shared.down", "moe.shared_gate"} <= anatomy.role_counts().keys()
+    heads = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
+    n_blocks = len(anatomy.attention)
+    assert len(heads.table) == sum(s.n_heads for s in anatomy.attention) and n_blocks > 0
+    keys = [c for c in ("stack", "attention", "layer", "head") if c in heads.table.columns]
+    assert not heads.table.duplicated(subset=keys).any()
+
+
+def _check(table, mask, per_head):
+    """per_head: {head: (Q_h, K_h, V_h, O_h)} float64 in the model's own (out, in) layout."""
+    rows = table[mask]
+    for h, (q, k, v, o) in per_head.items():
+        row = rows[rows["head"] == h].iloc[0]
+        for circuit, a in (("qk", q.T @ k), ("ov", o @ v)):
+            for key, want in direct_circuit(a).items():
+                got = row[f"{circuit}_{key}"]
+                if key == "energy_rank_99":
+                    assert got == want
+                else:
+                    assert got == pytest.approx(want, rel=1e-4, abs=1e-12), (circuit, key)
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _split_fused(attn, weight):
+    """The model's own _split_heads applied to the fused weight: per head (hd, d) for q, k, v."""
+    fused = weight.detach().double().T.unsqueeze(0)  # (1, d, out): the projection of the identity
+    q, k, v = attn._split_heads(fused)
+    return [_np(x[0].permute(1, 2, 0)) for x in (q, k, v)]  # (heads, hd, d)
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom"])
+def test_heads_fused_falcon_bloom(family, tmp_path):
+    path, model = _build(family, tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == 2 * 4
+    for layer, block in enumerate(model.transformer.h):
+        attn = block.self_attention
+        if family == "falcon":
+            q, k, v = _split_fused(attn, attn.query_key_value.weight.double())
+        else:  # BLOOM's forward: fused.view(..., num_heads, 3, head_dim)
+            w = _np(attn.query_key_value.weight).reshape(4, 3, 16, 64)
+            q, k, v = w[:, 0], w[:, 1], w[:, 2]
+        o = _np(attn.dense.weight)
+        hd = 16
+        per_head = {h: (q[h], k[min(h, k.shape[0] - 1)], v[min(h, v.shape[0] - 1)], o[:, h * hd:(h + 1) * hd]) for h in range(4)}
+        _check(table, table["layer"] == layer, per_head)
+
+
+def test_heads_gpt_bigcode_multi_query(tmp_path):
+    path, model = _build("gpt_bigcode", tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == 8 and set(table["kv_head"]) == {0}
+    attn = model.transformer.h[1].attn
+    w = _np(attn.c_attn.weight)  # nn.Linear (out, in): q (64) | k (16) | v (16), as in its forward
+    q, k, v = w[:64], w[64:80], w[80:96]
+    o = _np(attn.c_proj.weight)
+    _check(table, table["layer"] == 1, {h: (q[h * 16:(h + 1) * 16], k, v, o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "gptj", "codegen"])
+def test_heads_gpt_neo_gptj_codegen(family, tmp_path):
+    path, model = _build(family, tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == 2 * 4
+    block = model.transformer.h[0]
+    attn = block.attn.attention if family == "gpt_neo" else block.attn
+    if family == "codegen":  # its forward: reshape (mp=4, local) and split query, value, key
+        w = _np(attn.qkv_proj.weight).reshape(4, 3, 16, 64)
+        q, v, k = (w[:, i].reshape(64, 64) for i in range(3))
+    else:
+        q, k, v = _np(attn.q_proj.weight), _np(attn.k_proj.weight), _np(attn.v_proj.weight)
+    o = _np(attn.out_proj.weight)
+    s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
+    _check(table, table["layer"] == 0, {h: (s(q, h), s(k, h), s(v, h), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+def _randomise_norms(model):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "layernorm" in name and p.dim() == 1:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+
+
+def test_heads_deepseek_v3_latent_attention(tmp_path):
+    path, model = _build("deepseek_v3", tmp_path, prepare=_randomise_norms)
+    cfg = model.config
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == cfg.num_hidden_layers * cfg.num_attention_heads
+    attn = model.model.layers[0].self_attn
+    nh, nope, rope, vd, r = 4, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    qa, qb = _np(attn.q_a_proj.weight), _np(attn.q_b_proj.weight)
+    gq, gkv = _np(attn.q_a_layernorm.weight), _np(attn.kv_a_layernorm.weight)
+    kva, kvb = _np(attn.kv_a_proj_with_mqa.weight), _np(attn.kv_b_proj.weight)
+    assert not np.allclose(gq, 1)  # the norm weights really enter the circuit
+    q_all = (qb @ np.diag(gq) @ qa).reshape(nh, nope + rope, -1)  # forward: q_b(norm(q_a(x))).view(nh, qk_head_dim)
+    kv = (kvb @ np.diag(gkv) @ kva[:r]).reshape(nh, nope + vd, -1)  # kv_b(norm(c_kv)).view(nh, nope + v)
+    o = _np(attn.o_proj.weight)
+    per_head = {}
+    for h in range(nh):
+        k_h = np.concatenate([kv[h, :nope], kva[r:r + rope]])  # k = [k_nope_h ; shared k_rope]
+        per_head[h] = (q_all[h], k_h, kv[h, nope:], o[:, h * vd:(h + 1) * vd])
+    _check(table, table["layer"] == 0, per_head)
+
+
+def test_heads_t5_self_and_cross_attention(tmp_path):
+    path, model = _build("t5", tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == 3 * 2 * 4  # encoder self, decoder self, decoder cross; 2 layers; 4 heads
+    assert set(zip(table["stack"], table["attention"])) == {("encoder", "self"), ("decoder", "self"), ("decoder", "cross")}
+    for stack, sub, kind in (("decoder", 1, "cross"), ("encoder", 0, "self")):
+        attn = getattr(model, stack).block[1].layer[sub]
+        attn = attn.EncDecAttention if kind == "cross" else attn.SelfAttention
+        q, k, v, o = (_np(getattr(attn, x).weight) for x in "qkvo")
+        s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
+        mask = (table["stack"] == stack) & (table["attention"] == kind) & (table["layer"] == 1)
+        _check(table, mask, {h: (s(q, h), s(k, h), s(v, h), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+def test_heads_hybrid_skips_the_mamba_layer_with_its_reason(tmp_path):
+    path, model = _build("jamba", tmp_path)
+    result = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
+    assert sorted(set(result.table["layer"])) == [1] and len(result.table) == 4
+    assert [(s.layer, "SSM" in s.reason) for s in result.skipped] == [(0, True)]
+    attn = model.model.layers[1].self_attn
+    q, k, v, o = (_np(getattr(attn, f"{x}_proj").weight) for x in "qkvo")
+    s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
+    _check(result.table, result.table["layer"] == 1,
+           {h: (s(q, h), s(k, h // 2), s(v, h // 2), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
