@@ -21,7 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Metrics shown in the console summary, in order of preference; the full set goes to --out.
 KEY_METRICS = ("entropy_rank", "stable_rank", "alpha", "condition_number", "std", "frobenius_norm")
 MATRIX_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up",
-                     "moe.router", "moe.expert.gate", "moe.expert.up", "moe.expert.down")
+                     "moe.router", "moe.expert.gate", "moe.expert.up", "moe.expert.down",
+                     "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b", "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+                     "moe.shared.gate", "moe.shared.up", "moe.shared.down", "ssm.in", "ssm.out")
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -83,6 +85,17 @@ def print_info(anatomy: "Anatomy", label: str, fmt: str, console: Console | None
     if d.n_experts:
         dims += f", n_experts={d.n_experts}"
     table.add_row("dims", f"{dims}  [from {d.source}]")
+    if d.kv_lora_rank:
+        table.add_row("latent attention", f"q_lora_rank={d.q_lora_rank}, kv_lora_rank={d.kv_lora_rank}, "
+                                          f"qk_rope_head_dim={d.qk_rope_head_dim}, v_head_dim={d.v_head_dim}")
+    for stack, sd in d.stacks.items():
+        table.add_row(f"{stack} stack", ", ".join(f"{k}={v}" for k, v in sd.items()))
+    if d.attention_layers is not None:
+        table.add_row("attention layers", ", ".join(map(str, d.attention_layers)) or "none (no softmax attention)")
+    if getattr(anatomy, "shared_layers", False):
+        table.add_row("shared layers", f"one set of layer weights used by all {d.n_layers} layers (ALBERT)")
+    table.add_row("anatomy", getattr(anatomy, "path", "names") + (" (transformers' module tree)"
+                  if getattr(anatomy, "path", "") == "skeleton" else " (name rules + shapes)"))
     roles = anatomy.role_counts()
     table.add_row("roles", ", ".join(f"{r} ×{roles[r]}" for r in sorted(roles)))
     console.print(table)

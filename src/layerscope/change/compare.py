@@ -102,7 +102,7 @@ def _anatomy_key(anatomy: Anatomy, name: str) -> tuple | None:
     e = anatomy.entries[name]
     if e.role in ("other", "unknown"):
         return None
-    return (e.role, e.layer, e.expert, name.rsplit(".", 1)[-1])
+    return (e.role, e.stack, e.layer, e.expert, name.rsplit(".", 1)[-1])
 
 
 def _unique_keys(anatomy: Anatomy, names: list[str]) -> dict[tuple, str]:
