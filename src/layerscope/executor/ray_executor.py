@@ -79,6 +79,7 @@ class RayExecutor:
         self.threads = threads
         self.max_retries = max_retries
         self._window = window
+        self.submitted = 0  # tasks sent to the cluster by this process (a re-run of stored work sends none)
         self._remote = ray.remote(_on_worker).options(num_cpus=threads, max_retries=max_retries,
                                                       retry_exceptions=False, name="layerscope_task")
 
@@ -99,6 +100,7 @@ class RayExecutor:
         def submit() -> None:
             for item in queue:
                 pending[self._remote.remote(fn_ref, item, self.threads)] = item
+                self.submitted += 1
                 if len(pending) >= window:
                     return
 

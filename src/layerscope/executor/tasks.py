@@ -67,6 +67,22 @@ class StoreOnlySource(Source):
         raise NeedsData(name)
 
 
+class _Unopenable(Source):
+    """A source the worker could not open: every read fails with the reason, so each of its
+    tensors becomes an 'unreadable' row, as a read failure does on one machine."""
+
+    def __init__(self, anatomy: Anatomy, exc: Exception):
+        from ..sources import TensorInfo
+
+        super().__init__(label="", format="", infos={n: TensorInfo(n, e.shape, e.dtype) for n, e in anatomy.entries.items()})
+        self._exc = exc
+
+    def load(self, name: str) -> torch.Tensor:
+        from ..errors import LayerscopeError
+
+        raise LayerscopeError(f"{name}: {self._exc}")
+
+
 # -- sources on workers -----------------------------------------------------------------------------
 @dataclass
 class SourceRef:
@@ -182,7 +198,12 @@ def analyse_tensors(job: TensorJob) -> TensorOutcome:
     from ..pipeline import _Runner
     from ..weights.metrics import select_metrics
 
-    source = job.source.open()
+    from ..errors import LayerscopeError
+
+    try:
+        source = job.source.open()
+    except LayerscopeError as exc:  # e.g. the file changed since the driver opened it: rows say so
+        source = _Unopenable(job.anatomy, exc)
     with worker_store(job.seed) as (store, _):
         runner = _Runner(source, job.anatomy, job.config, select_metrics(job.config), store)
         rows = {name: runner.analyse_tensor(name) for name in job.names}
