@@ -71,23 +71,24 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, *, threads: int = 1, max_retries: int = MAX_RETRIES,
-                 window: int | None = None):
+                 max_in_flight: int | None = None):
         import ray
 
         connect(address)
         self.ray = ray
         self.threads = threads
         self.max_retries = max_retries
-        self._window = window
+        self.max_in_flight = max_in_flight  # None: one task per core of the cluster
         self.submitted = 0  # tasks sent to the cluster by this process (a re-run of stored work sends none)
+        self.busy_seconds = 0.0  # summed time inside tasks on the workers
         self._remote = ray.remote(_on_worker).options(num_cpus=threads, max_retries=max_retries,
                                                       retry_exceptions=False, name="layerscope_task")
 
     @property
     def window(self) -> int:
         """One task per core of the cluster in flight: each worker holds one piece at a time."""
-        if self._window:
-            return self._window
+        if self.max_in_flight:
+            return self.max_in_flight
         cpus = int(self.ray.cluster_resources().get("CPU", 1))
         return max(1, cpus // self.threads)
 
@@ -112,6 +113,7 @@ class RayExecutor:
                 for ref in ready:
                     item = pending.pop(ref)
                     value, node, worker, seconds = self._get(ref)
+                    self.busy_seconds += seconds
                     submit()
                     yield Done(item, value, node, worker, seconds)
         finally:
