@@ -402,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerscope: interrupted; results computed so far are in the store, run again to resume", file=sys.stderr)
         sys.stderr.flush()
+        from .executor import close_clusters
+
+        close_clusters()  # os._exit skips atexit, where Ray would stop the processes it started
         os._exit(130)  # do not wait for worker threads still inside a decomposition
     except Exception as exc:  # a bug of ours: still one line, traceback on request
         if os.environ.get("LAYERSCOPE_DEBUG"):

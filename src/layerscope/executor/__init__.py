@@ -66,3 +66,16 @@ def open_executor(spec: str | None, workers: int = 0) -> Executor:
 
         _OPEN[spec] = RayExecutor(None if spec == "ray" else spec)
     return _OPEN[spec]
+
+
+def close_clusters() -> None:
+    """Stop the Ray instance this process started (a joined cluster just loses this driver).
+    For exits that skip ``atexit`` (the CLI's ``os._exit`` after Ctrl-C); cheap without Ray."""
+    import sys
+
+    if "layerscope.executor.ray_executor" in sys.modules and _OPEN:
+        _OPEN.clear()
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # already down
+            pass
