@@ -103,7 +103,9 @@ def test_trajectory_on_ray_equals_single_process_and_reruns_submit_nothing(clust
     result = trajectory([six_checkpoints], store=str(store), procrustes=True, cluster="ray",
                         progress=lambda *a: seen.append(a))
     pd.testing.assert_frame_equal(result.table, expected.table, check_exact=True)
-    assert (result.computed, result.cached) == (expected.computed, expected.cached)
+    # computed vs cached may split differently: identical tensors (a tied head, all-ones norms) in
+    # flight at once are both computed, on two workers as on two threads of one process
+    assert result.computed + result.cached == expected.computed + expected.cached
     assert _contents(store) == expected_store  # same keys, same values, written by the driver alone
     assert cluster.submitted - before == 6  # one task per checkpoint
     assert seen[-1][:3] == ("checkpoints", 6, 6)
@@ -125,7 +127,7 @@ def test_analyze_of_a_sharded_checkpoint_on_ray(cluster, tmp_path):
     distributed = layerscope.analyze(folder, store=str(tmp_path / "b.sqlite"), cluster="ray")
     assert cluster.submitted > before
     pd.testing.assert_frame_equal(distributed.table, single.table, check_exact=True)
-    assert (distributed.computed, distributed.cached) == (single.computed, single.cached)
+    assert distributed.computed + distributed.cached == single.computed + single.cached
     assert _contents(tmp_path / "b.sqlite") == _contents(tmp_path / "a.sqlite")
     assert distributed.anatomy.tied_embeddings == single.anatomy.tied_embeddings
 
