@@ -106,9 +106,8 @@ def main() -> None:
     grouped = autogroup.exists() and autogroup.read_text().strip() == "1"
     print("limits: 2 cores, and the plain run's threads use both too; per-task pickling, private worker store and "
           "checkpoint re-open; worker start-up when cold"
-          + ("; this kernel shares the CPU fairly between sessions (sched_autogroup), so on a busy machine a second "
-             "worker process in this session runs at once but gets no more CPU in total: each task then takes twice as "
-             "long" if grouped else ""))
+          + ("; this kernel shares the CPU fairly between sessions (sched_autogroup): on a busy machine this session's "
+             "share is fixed, so a second worker process runs at once but each task slows down" if grouped else ""))
 
 
 if __name__ == "__main__":

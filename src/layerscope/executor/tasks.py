@@ -195,10 +195,9 @@ class TensorOutcome:
 
 def analyse_tensors(job: TensorJob) -> TensorOutcome:
     """On a worker: the ordinary per-tensor analysis of ``job.names``, one tensor at a time."""
+    from ..errors import LayerscopeError
     from ..pipeline import _Runner
     from ..weights.metrics import select_metrics
-
-    from ..errors import LayerscopeError
 
     try:
         source = job.source.open()
@@ -257,9 +256,10 @@ def analyze_on_cluster(runner: Any, progress: Callable[[int, int, str], None] | 
         return results
     executor = open_executor(config.cluster)
     job_config = _local_config(config)
-    jobs = [TensorJob(SourceRef.of(source, group), anatomy, job_config, group,
+    # a generator: a job's seed and (for in-memory weights) its tensors are gathered when it is submitted
+    jobs = (TensorJob(SourceRef.of(source, group), anatomy, job_config, group,
                       seed_for(store, [(source, anatomy, group)], config.slices, config.cache))
-            for group in group_by_size(todo, lambda n: source.infos[n].numel)]
+            for group in group_by_size(todo, lambda n: source.infos[n].numel))
     stats = ExecutorStats()
     for done in executor.map(analyse_tensors, jobs):  # 2.-3. on the workers
         out: TensorOutcome = done.value
