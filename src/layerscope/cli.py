@@ -34,6 +34,12 @@ def _add_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
 
 
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="ray|ray://HOST:PORT",
+                   help="run the independent pieces on a Ray cluster: 'ray' starts or joins a local instance "
+                        "(RAY_ADDRESS honoured), 'ray://HOST:PORT' joins an existing one (needs layerscope[ray])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerscope", description="See inside a transformer's weights.")
     parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
     an.add_argument("--plot", help="folder for figures (MLP down-projection explained-variance curves)")
     an.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    _add_cluster(an)
 
     hd = sub.add_parser("heads", help="QK and OV circuits of every attention head (factored, GQA aware)")
     _add_common(hd)
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--no-spectral", action="store_true", help="skip the spectral deltas (no analysis of either model)")
     cp.add_argument("--trim", type=float, default=0.2, help="TIES trim: sign conflicts also among the top fraction by magnitude (default 0.2)")
     _add_store(cp)
+    _add_cluster(cp)
 
     tr = sub.add_parser("trajectory", help="every metric over the checkpoints of a training run, and drift")
     tr.add_argument("paths", nargs="+", metavar="PATH",
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--metrics", help="metrics to compute (names or groups; default all)")
     tr.add_argument("--procrustes", action="store_true", help="also the Procrustes-aligned cosine of each step's drift")
     _add_store(tr)
+    _add_cluster(tr)
 
     rp = sub.add_parser("report", help="one self-contained HTML report (and Markdown) of one or more models")
     rp.add_argument("paths", nargs="+", metavar="PATH", help="checkpoints; several give a side-by-side comparison")
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--embeddings", action="store_true", help="compute the embedding geometry if not stored yet")
     rp.add_argument("--clusters", action="store_true", help="compute the token clusters if not stored yet")
     _add_store(rp)
+    _add_cluster(rp)
 
     rn = sub.add_parser("run", help="the whole analysis (info, analyze, heads, embeddings, clusters) and the report")
     _add_common(rn)
@@ -130,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters")
     _add_store(rn)
+    _add_cluster(rn)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
@@ -140,7 +151,7 @@ def _config(args: argparse.Namespace) -> Config:
     config = Config.from_file(args.config) if getattr(args, "config", None) else Config()
     overrides: dict[str, Any] = {}
     for flag, key in (("metrics", "metrics"), ("device", "device"), ("workers", "workers"), ("dtype", "dtype"),
-                      ("store", "store"), ("seed", "seed")):
+                      ("store", "store"), ("seed", "seed"), ("cluster", "cluster")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -391,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerscope: interrupted; results computed so far are in the store, run again to resume", file=sys.stderr)
         sys.stderr.flush()
+        from .executor import close_clusters
+
+        close_clusters()  # os._exit skips atexit, where Ray would stop the processes it started
         os._exit(130)  # do not wait for worker threads still inside a decomposition
     except Exception as exc:  # a bug of ours: still one line, traceback on request
         if os.environ.get("LAYERSCOPE_DEBUG"):

@@ -39,6 +39,9 @@ class Config:
     cache: read cached results from the store (results are always written).
     slices: also analyse the q/k/v parts of fused matrices and each MoE expert separately.
     seed: seed for anything random (kept in the store key of randomised metrics).
+    cluster: None (this machine), ``ray`` (start or join a local Ray instance; $RAY_ADDRESS is
+        honoured) or ``ray://HOST:PORT`` (an existing Ray cluster): independent pieces (tensors,
+        checkpoints) run there and the rows come back to this process's store. See README, Cluster.
     """
 
     metrics: tuple[str, ...] | None = None
@@ -52,6 +55,7 @@ class Config:
     cache: bool = True
     slices: bool = True
     seed: int = 0
+    cluster: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, str):
@@ -68,6 +72,10 @@ class Config:
         for p in self.energy_levels:
             if not 0.0 < p < 1.0:
                 raise LayerscopeError(f"config: energy_levels must lie strictly between 0 and 1, got {p}")
+        if self.cluster is not None:
+            from .executor import parse_cluster
+
+            object.__setattr__(self, "cluster", parse_cluster(self.cluster))
         if self.rank_tol is not None and self.rank_tol < 0:
             raise LayerscopeError(f"config: rank_tol must be >= 0, got {self.rank_tol}")
 

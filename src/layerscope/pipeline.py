@@ -81,7 +81,12 @@ def analyze(source: Any, config: Config | None = None, *, revision: str | None =
     started = time.perf_counter()
     with Store(config.resolved_store()) as store:
         runner = _Runner(src, anatomy, config, metrics, store)
-        rows_by_name = runner.run(progress, manage_threads)
+        if config.cluster:  # tensors spread over a cluster; this process stays the store's one writer
+            from .executor.tasks import analyze_on_cluster
+
+            rows_by_name = analyze_on_cluster(runner, progress)
+        else:
+            rows_by_name = runner.run(progress, manage_threads)
     rows = [row for name in src.names() for row in rows_by_name.get(name, [])]
     table = _table(rows, metrics)
     _resolve_tied(anatomy, runner.hashes)

@@ -34,6 +34,11 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT PRIMARY KEY, content_hash TEXT NOT NULL) WITHOUT ROWID;
 """
 
+TABLES = ("results", "spectra", "artifacts", "fingerprints")
+
+#: Rows of each table, as SQLite returns them; how store contents travel between processes.
+Records = dict[str, list[tuple]]
+
 #: Stored in place of NaN, which SQLite would turn into NULL (and NULL means "not computed").
 _NAN = "nan"
 
@@ -126,7 +131,56 @@ class Store:
                                     (key, kind)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    # -- moving records between stores (a cluster's workers and the one writing driver) ---------
+    def records(self, hashes: Iterable[str], fingerprints: Iterable[str] = ()) -> "Records":
+        """Every row about ``hashes`` (results, spectra, artifacts keyed by one hash or by a pair
+        ``a>b`` of them) and the given file fingerprints: what a worker needs to skip known work."""
+        hashes = set(hashes)
+        out: Records = {t: [] for t in TABLES}
+        with self._lock:
+            for chunk in _chunks(sorted(hashes)):
+                marks = ",".join("?" * len(chunk))
+                for table in ("results", "spectra"):
+                    out[table] += self._db.execute(f"SELECT * FROM {table} WHERE content_hash IN ({marks})", chunk).fetchall()
+                rows = self._db.execute(f"SELECT * FROM artifacts WHERE substr(key, 1, 32) IN ({marks})", chunk).fetchall()
+                out["artifacts"] += [r for r in rows if r[0] in hashes or all(k in hashes for k in r[0].split(">"))]
+            for chunk in _chunks(sorted(set(fingerprints))):
+                marks = ",".join("?" * len(chunk))
+                out["fingerprints"] += self._db.execute(f"SELECT * FROM fingerprints WHERE fingerprint IN ({marks})",
+                                                        chunk).fetchall()
+        return out
+
+    def dump(self, exclude: "Records | None" = None) -> "Records":
+        """Every row of every table (minus those in ``exclude``): what a worker's store learned."""
+        with self._lock:
+            out = {t: self._db.execute(f"SELECT * FROM {t}").fetchall() for t in TABLES}
+        if exclude:
+            for t in TABLES:
+                seen = set(exclude.get(t, ()))
+                out[t] = [r for r in out[t] if r not in seen]
+        return out
+
+    def merge(self, records: "Records") -> None:
+        """Write ``records`` (from ``records``/``dump`` of another store) in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for t in TABLES:
+                    rows = records.get(t) or []
+                    if rows:
+                        marks = ",".join("?" * len(rows[0]))
+                        self._db.executemany(f"INSERT OR REPLACE INTO {t} VALUES ({marks})", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                     for t in ("results", "spectra", "artifacts", "fingerprints")}
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

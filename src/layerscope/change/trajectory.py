@@ -133,62 +133,115 @@ class TrajectoryResult:
 
 def trajectory(paths: Sequence[str | os.PathLike], config: Config | None = None, *, procrustes: bool = False,
                progress: Callable[[str, int, int], None] | None = None, **overrides: Any) -> TrajectoryResult:
-    """Analyse every checkpoint of a run and measure drift from the first and previous one."""
-    from ..pipeline import analyze
+    """Analyse every checkpoint of a run and measure drift from the first and previous one.
 
+    With ``config.cluster`` each checkpoint is one task on the cluster (see
+    :mod:`layerscope.executor.tasks`); the rows are the same."""
     config = (config or Config()).replace(**overrides)
     checkpoints = discover(paths)
-    frames = []
     skipped: list[str] = []
-    computed = cached = 0
-    refs: dict[str, tuple[Model, pd.Series] | None] = {"first": None, "prev": None}
-    with Store(config.resolved_store()) as store:
-        for i, ckpt in enumerate(checkpoints):
+    pieces: list[tuple[Checkpoint, CheckpointPiece]] = []
+    if config.cluster:
+        from ..executor.tasks import trajectory_on_cluster
+
+        readable = []
+        for ckpt in checkpoints:
             try:
-                model = Model.open(ckpt.path, label=ckpt.label)
+                readable.append((ckpt, Model.open(ckpt.path, label=ckpt.label)))
             except LayerscopeError as exc:  # one unreadable checkpoint must not cost the others
                 skipped.append(f"{ckpt.label}: {exc}")
-                continue
-            cb = (lambda done, total, _n, _i=i, _c=ckpt: progress(f"{_c.label} ({_i + 1}/{len(checkpoints)})", done, total)) \
-                if progress else None
-            result = analyze(model.source, config, progress=cb)
-            computed, cached = computed + result.computed, cached + result.cached
-            table = result.table.copy()
-            table.insert(0, "step", ckpt.step)
-            table.insert(1, "checkpoint", ckpt.label)
-            # a head tied to the embedding is the same matrix: counted once in global figures
-            table["tied_copy"] = (table["role"] == "lm_head") & bool(result.anatomy.tied_embeddings)
-            for ref_name, ref in refs.items():
-                drift = _drift_from(ref, model, store, procrustes, config) if ref is not None else None
-                for col in DRIFT_COLUMNS:
-                    table[f"drift_{ref_name}_{col}"] = table["name"].map(drift[col]) if drift is not None else math.nan
-                table[f"{ref_name}_norm"] = table["name"].map(drift["ref_norm"]) if drift is not None else math.nan
-            frames.append(table)
-            norms = table.set_index("name")["frobenius_norm"] if "frobenius_norm" in table else pd.Series(dtype=float)
-            if refs["first"] is None:
-                refs["first"] = (model, norms)
-            refs["prev"] = (model, norms)
-    if len(frames) < 2:
+        pieces = list(zip([c for c, _ in readable], trajectory_on_cluster(readable, config, procrustes, progress)))
+    else:
+        first: Model | None = None
+        prev: Model | None = None
+        with Store(config.resolved_store()) as store:
+            for i, ckpt in enumerate(checkpoints):
+                try:
+                    model = Model.open(ckpt.path, label=ckpt.label)
+                except LayerscopeError as exc:  # one unreadable checkpoint must not cost the others
+                    skipped.append(f"{ckpt.label}: {exc}")
+                    continue
+                cb = (lambda done, total, _n, _i=i, _c=ckpt: progress(f"{_c.label} ({_i + 1}/{len(checkpoints)})", done, total)) \
+                    if progress else None
+                pieces.append((ckpt, analyse_checkpoint(model, first, prev, store, config, procrustes, progress=cb)))
+                first = first or model
+                prev = model
+    if len(pieces) < 2:
         raise LayerscopeError("a trajectory needs at least two readable checkpoints; unreadable: " + "; ".join(skipped))
     checkpoints = [c for c in checkpoints if not any(x.startswith(f"{c.label}: ") for x in skipped)]
-    table = pd.concat(frames, ignore_index=True)
+    table = pd.concat(_frames(pieces), ignore_index=True)
     if not procrustes:
         table = table.drop(columns=[c for c in table if "procrustes" in c])
+    computed = sum(p.computed for _, p in pieces)
+    cached = sum(p.cached for _, p in pieces)
     return TrajectoryResult(checkpoints, table, computed, cached, skipped)
 
 
-def _drift_from(ref: tuple[Model, pd.Series], model: Model, store: Store, procrustes: bool,
+@dataclass
+class CheckpointPiece:
+    """What one checkpoint contributes, before it is placed in the series: its analysis table and
+    its drift from the first and previous checkpoints (None for the first)."""
+
+    table: pd.DataFrame
+    tied: bool
+    computed: int
+    cached: int
+    drifts: dict[str, pd.DataFrame | None]
+
+
+def analyse_checkpoint(model: Model, first: Model | None, prev: Model | None, store: Store, config: Config,
+                       procrustes: bool, progress: Callable[[int, int, str], None] | None = None,
+                       manage_threads: bool = True) -> CheckpointPiece:
+    """One checkpoint's share of a trajectory; needs nothing of the other checkpoints but their files."""
+    from ..pipeline import analyze
+
+    result = analyze(model.source, config, progress=progress, manage_threads=manage_threads)
+    drifts = {name: _drift_from(ref, model, store, procrustes, config) if ref is not None else None
+              for name, ref in (("first", first), ("prev", prev))}
+    return CheckpointPiece(result.table, bool(result.anatomy.tied_embeddings), result.computed, result.cached, drifts)
+
+
+def _frames(pieces: list[tuple[Checkpoint, CheckpointPiece]]) -> list[pd.DataFrame]:
+    """The pieces in order, with step, checkpoint, drift columns and the references' norms."""
+    frames = []
+    norms: dict[str, pd.Series | None] = {"first": None, "prev": None}
+    for ckpt, piece in pieces:
+        table = piece.table.copy()
+        table.insert(0, "step", ckpt.step)
+        table.insert(1, "checkpoint", ckpt.label)
+        # a head tied to the embedding is the same matrix: counted once in global figures
+        table["tied_copy"] = (table["role"] == "lm_head") & piece.tied
+        for ref_name in ("first", "prev"):
+            drift = piece.drifts[ref_name]
+            for col in DRIFT_COLUMNS:
+                table[f"drift_{ref_name}_{col}"] = table["name"].map(drift[col]) if drift is not None else math.nan
+            if drift is not None:
+                ref_norms = norms[ref_name]
+                ref_norm = drift["ref_row"].map(ref_norms) if ref_norms is not None and len(ref_norms) \
+                    else pd.Series(math.nan, index=drift.index)
+                table[f"{ref_name}_norm"] = table["name"].map(ref_norm)
+            else:
+                table[f"{ref_name}_norm"] = math.nan
+        frames.append(table)
+        own = piece.table.set_index("name")["frobenius_norm"] if "frobenius_norm" in piece.table else pd.Series(dtype=float)
+        if norms["first"] is None:
+            norms["first"] = own
+        norms["prev"] = own
+    return frames
+
+
+def _drift_from(ref_model: Model, model: Model, store: Store, procrustes: bool,
                 config: Config) -> pd.DataFrame | None:
-    """Drift of ``model``'s matrices from ``ref``'s, indexed by ``model``'s row names, with the
-    reference's Frobenius norm (to weigh the per-matrix drifts into a global one)."""
-    ref_model, ref_norms = ref
+    """Drift of ``model``'s matrices from ``ref_model``'s, indexed by ``model``'s row names, with
+    the reference's row name in ``ref_row`` (whose Frobenius norm weighs the per-matrix drifts
+    into a global one)."""
     pairs, _ = match_tensors(ref_model.anatomy, model.anatomy)
     rows = drift_rows(ref_model, model, pairs, store, procrustes=procrustes, slices=config.slices,
                       use_cache=config.cache)
     if not rows:
         return None
     drift = pd.DataFrame(rows)
-    drift["ref_norm"] = drift["name"].map(ref_norms) if len(ref_norms) else math.nan
+    drift["ref_row"] = drift["name"]
     to_model = dict(pairs)
     drift["name"] = [target_row_name(n, to_model) for n in drift["name"]]
     return drift.set_index("name")
