@@ -1,4 +1,8 @@
-"""Ways to look at results: files (CSV, Parquet, JSON) and readable console tables."""
+"""Ways to look at results: files (CSV, Parquet, JSON) and readable console tables.
+
+pandas is imported inside the functions that need it: ``layerscope info`` prints through this module
+and should not pay for pandas (nor matplotlib or scikit-learn, which nothing here imports).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -15,6 +18,8 @@ from rich.table import Table
 from .errors import LayerscopeError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
     from .anatomy import Anatomy
     from .pipeline import AnalysisResult
 
@@ -24,7 +29,7 @@ MATRIX_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.ga
                      "moe.router", "moe.expert.gate", "moe.expert.up", "moe.expert.down")
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+def write_table(table: "pd.DataFrame", path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet", ".json"):
@@ -52,7 +57,7 @@ def human_count(n: int) -> str:
 
 
 def _fmt(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType":
         return "—"
     if isinstance(value, float):
         if math.isinf(value):
@@ -200,8 +205,10 @@ def print_clusters(result, console: Console | None = None) -> None:
         console.print(table)
 
 
-def _role_table(title: str, frame: pd.DataFrame, columns: list[str]) -> Table:
+def _role_table(title: str, frame: "pd.DataFrame", columns: list[str]) -> Table:
     """Per role: number of matrices and the mean of each column."""
+    import pandas as pd
+
     table = Table(title=title, title_justify="left")
     table.add_column("role")
     table.add_column("matrices", justify="right")
