@@ -41,6 +41,15 @@ def test_bare_name_offline_not_cached_says_so(tmp_path, monkeypatch, capsys):
     assert line.startswith("layerscope: error: gpt2:") and "not in the local cache (HF_HUB_OFFLINE=1)" in line
 
 
+def test_layerscope_gpt2_is_info_and_says_not_cached(tmp_path, monkeypatch, capsys):
+    """``layerscope gpt2`` (no command) is ``layerscope info gpt2``; a near-miss of a command is not."""
+    _fake_hub_cache(tmp_path, monkeypatch)
+    assert main(["gpt2"]) == 2
+    assert "gpt2: not a local path, and not in the local cache (HF_HUB_OFFLINE=1)" in one_line(capsys.readouterr().err)
+    assert main(["analyse", "gpt2"]) == 2
+    assert "invalid choice: 'analyse'" in one_line(capsys.readouterr().err)
+
+
 def test_bare_name_is_read_from_the_cache(tmp_path, monkeypatch, capsys):
     _fake_hub_cache(tmp_path, monkeypatch, repo="tinyllama")
     assert layerscope.inspect("tinyllama").dims.n_kv_heads == 2

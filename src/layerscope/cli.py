@@ -45,7 +45,8 @@ _comma = comma_list()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="layerscope", description="See inside a transformer's weights.")
+    parser = Parser(prog="layerscope", description="See inside a transformer's weights. "
+                                                   "'layerscope PATH' is short for 'layerscope info PATH'.")
     parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -446,9 +447,23 @@ COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embed
             "metrics": cmd_metrics}
 
 
+def _implicit_info(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``layerscope gpt2`` and ``layerscope model.safetensors`` mean ``layerscope info ...``: a first
+    word that is neither a command, nor an option, nor a near-miss of a command (``analyse``)."""
+    import difflib
+
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] not in commands and not argv[0].startswith("-") \
+            and not difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.75):
+        return ["info", *argv]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = _implicit_info(list(sys.argv[1:] if argv is None else argv), parser)
     try:
-        args = build_parser().parse_args(argv)  # single-flag errors: one line, exit 2, before anything else
+        args = parser.parse_args(argv)  # single-flag errors: one line, exit 2, before anything else
     except SystemExit as exc:  # --help, --version, usage errors: a status to return, as for every other outcome
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.WARNING, format="layerscope: %(message)s")
