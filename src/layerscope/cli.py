@@ -1,7 +1,12 @@
 """``layerscope`` command line: thin wrappers that build a Config, call the pipeline, pick a view.
 
-Bad input is one line on stderr and exit status 2; a run where some tensor could not be read
-exits 1 after writing everything else; Ctrl-C exits 130 with the store intact.
+Bad input is one line on stderr and exit status 2, found before any work starts (cli_args: argparse
+types for single flags, ``preflight`` and a per-subcommand ``check`` for the rest); a run where some
+tensor could not be read exits 1 after writing everything else; Ctrl-C exits 130 with the store intact.
+
+Start-up time: this module imports nothing heavy at top level (no torch, pandas, rich tables,
+matplotlib, scikit-learn). Each ``cmd_*`` imports what it uses, so ``--help`` answers at once and
+``info`` never loads the plotting or clustering stacks. tests/test_startup.py checks this.
 """
 
 from __future__ import annotations
@@ -12,26 +17,31 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
-
-import pandas as pd
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
+from .cli_args import (TABLE_SUFFIXES, Parser, checkpoint, comma_list, device, existing_file, float_between,
+                       int_at_least, output_file, output_folder, preflight, store_file)
 from .config import Config
 from .errors import LayerscopeError
-from .views import ProgressDisplay
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint file or folder, or a Hugging Face hub repo id (org/name)")
+    p.add_argument("path", type=checkpoint, help="checkpoint file or folder, or a Hugging Face hub repo id (gpt2, org/name)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", help="SQLite result store (default: the user cache directory)")
+    p.add_argument("--store", type=store_file, help="SQLite result store (default: the user cache directory)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the store")
-    p.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
+    p.add_argument("--config", type=existing_file, help="JSON, TOML or YAML file with Config keys; flags override it")
+
+
+PLOT_METRICS_DEFAULT = "entropy_rank,stable_rank,alpha,drift_first_rel_change"
+_comma = comma_list()
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
@@ -41,7 +51,8 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerscope", description="See inside a transformer's weights.")
+    parser = Parser(prog="layerscope", description="See inside a transformer's weights. "
+                                                   "'layerscope PATH' is short for 'layerscope info PATH'.")
     parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,83 +63,94 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="statistics and spectral metrics of every matrix")
     _add_common(an)
     an.add_argument("--metrics", help="comma-separated metric or group names (stats, spectral, all); see 'layerscope metrics'")
-    an.add_argument("--out", help="write the full table to .csv, .parquet or .json")
-    an.add_argument("--device", help="cpu, cuda, cuda:N or auto (CUDA out-of-memory falls back to the CPU)")
-    an.add_argument("--workers", type=int, help="tensors analysed at once (default: one per core, at most 4)")
+    an.add_argument("--out", type=output_file(*TABLE_SUFFIXES), help="write the full table to .csv, .parquet or .json")
+    an.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto (CUDA out-of-memory falls back to the CPU)")
+    an.add_argument("--workers", type=int_at_least(0), help="tensors analysed at once (default: one per core, at most 4)")
     an.add_argument("--dtype", choices=["float64", "float32"], help="spectrum precision (default float64)")
-    an.add_argument("--store", help="SQLite result store (default: the user cache directory)")
+    an.add_argument("--store", type=store_file, help="SQLite result store (default: the user cache directory)")
     an.add_argument("--no-cache", action="store_true", help="recompute everything instead of reading the store")
     an.add_argument("--no-slices", action="store_true", help="do not analyse q/k/v slices of fused matrices and MoE experts separately")
-    an.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
-    an.add_argument("--plot", help="folder for figures (MLP down-projection explained-variance curves)")
+    an.add_argument("--config", type=existing_file, help="JSON, TOML or YAML file with Config keys; flags override it")
+    an.add_argument("--plot", type=output_folder, help="folder for figures (MLP down-projection explained-variance curves)")
     an.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     _add_cluster(an)
 
     hd = sub.add_parser("heads", help="QK and OV circuits of every attention head (factored, GQA aware)")
     _add_common(hd)
-    hd.add_argument("--out", help="write the per-head table to .csv, .parquet or .json (JSON keeps the top eigenvalues)")
-    hd.add_argument("--plot", help="folder for layer × head heatmaps and eigenvalue plots")
-    hd.add_argument("--select", help="heads to plot eigenvalues of, as LAYER.HEAD list (default: most and least copying)")
-    hd.add_argument("--low-pct", type=float, default=25.0, help="low-rank heads: qk_entropy_rank at or below this percentile")
-    hd.add_argument("--high-pct", type=float, default=75.0, help="high-rank heads: qk_entropy_rank at or above this percentile")
+    hd.add_argument("--out", type=output_file(*TABLE_SUFFIXES),
+                    help="write the per-head table to .csv, .parquet or .json (JSON keeps the top eigenvalues)")
+    hd.add_argument("--plot", type=output_folder, help="folder for layer × head heatmaps and eigenvalue plots")
+    hd.add_argument("--select", type=_parse_heads, help="heads to plot eigenvalues of, as LAYER.HEAD list (default: most and least copying)")
+    hd.add_argument("--low-pct", type=float_between(0, 100), default=25.0,
+                    help="low-rank heads: qk_entropy_rank at or below this percentile")
+    hd.add_argument("--high-pct", type=float_between(0, 100), default=75.0,
+                    help="high-rank heads: qk_entropy_rank at or above this percentile")
     _add_store(hd)
+    hd.set_defaults(check=_check_heads)
 
     em = sub.add_parser("embeddings", help="exact all-pairs cosine geometry of the token embedding (and untied lm_head)")
     _add_common(em)
-    em.add_argument("--out", help="write the results as JSON")
-    em.add_argument("--plot", help="folder for the cosine histogram")
-    em.add_argument("--threshold", type=float, default=0.7, help="cosine above which two tokens are neighbours (default 0.7)")
+    em.add_argument("--out", type=output_file(".json"), help="write the results as JSON")
+    em.add_argument("--plot", type=output_folder, help="folder for the cosine histogram")
+    em.add_argument("--threshold", type=float_between(-1, 1), default=0.7,
+                    help="cosine above which two tokens are neighbours (default 0.7)")
     em.add_argument("--tokens", help="comma-separated tokens whose nearest neighbours to list, e.g. 'the,king,def'")
-    em.add_argument("--sample", type=int, help="estimate from this many random pairs instead of all pairs")
-    em.add_argument("--max-memory", default="1GB", help="memory for the block of cosines in flight (e.g. 512MB, 2GB)")
-    em.add_argument("--bins", type=int, default=100, help="histogram bins over --range (default 100)")
-    em.add_argument("--range", default="-0.5,1.0", help="histogram range LOW,HIGH (default -0.5,1.0)")
+    em.add_argument("--sample", type=int_at_least(2), help="estimate from this many random pairs instead of all pairs")
+    em.add_argument("--max-memory", type=parse_bytes, default="1GB",
+                    help="memory for the block of cosines in flight (e.g. 512MB, 2GB)")
+    em.add_argument("--bins", type=int_at_least(1), default=100, help="histogram bins over --range (default 100)")
+    em.add_argument("--range", type=_parse_range, default="-0.5,1.0", help="histogram range LOW,HIGH (default -0.5,1.0)")
     em.add_argument("--precision", choices=["float32", "float64"], default="float32",
                     help="GEMM precision (float64: every count exact against a float64 reference; ~2x slower)")
-    em.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    em.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
     _add_store(em)
 
     cl = sub.add_parser("clusters", help="k-means clusters of the token embedding, decoded to text")
     _add_common(cl)
-    cl.add_argument("--k-range", default="2..64", help="range of k, searched on a log grid (default 2..64)")
-    cl.add_argument("--k-values", help="explicit comma-separated k values instead of --k-range")
+    cl.add_argument("--k-range", type=_parse_k_range, default="2..64", help="range of k, searched on a log grid (default 2..64)")
+    cl.add_argument("--k-values", type=_parse_k_values, help="explicit comma-separated k values instead of --k-range")
     cl.add_argument("--select-by", default="silhouette", choices=["calinski_harabasz", "silhouette", "elbow"],
                     help="how k is chosen (default silhouette, on a seeded sample of 5000 rows)")
     cl.add_argument("--matrix", default="embed.token", choices=["embed.token", "embed.position", "lm_head"],
                     help="which matrix to cluster (position embeddings are always clustered on their own)")
-    cl.add_argument("--out", help="write the clusters as JSON")
-    cl.add_argument("--plot", help="folder for the k-selection curve")
+    cl.add_argument("--out", type=output_file(".json"), help="write the clusters as JSON")
+    cl.add_argument("--plot", type=output_folder, help="folder for the k-selection curve")
     cl.add_argument("--seed", type=int, help="random seed (default 0)")
     _add_store(cl)
 
     cp = sub.add_parser("compare", help="drift between checkpoints: per matrix, spectral deltas, tokens, task vectors")
-    cp.add_argument("paths", nargs="+", metavar="PATH", help="two checkpoints A B (drift A → B), or fine-tunes with --base")
-    cp.add_argument("--base", help="base model: drift base → each PATH, plus task vectors (PATH − base) and sign conflicts")
-    cp.add_argument("--out", help="write the drift table to .csv/.parquet, or everything to .json")
-    cp.add_argument("--plot", help="folder for drift-by-layer figures")
-    cp.add_argument("--top-k", type=int, default=50, help="most and least drifted tokens to list (default 50)")
+    cp.add_argument("paths", nargs="+", type=checkpoint, metavar="PATH",
+                    help="two checkpoints A B (drift A → B), or fine-tunes with --base")
+    cp.add_argument("--base", type=checkpoint, help="base model: drift base → each PATH, plus task vectors (PATH − base) and sign conflicts")
+    cp.add_argument("--out", type=output_file(*TABLE_SUFFIXES), help="write the drift table to .csv/.parquet, or everything to .json")
+    cp.add_argument("--plot", type=output_folder, help="folder for drift-by-layer figures")
+    cp.add_argument("--top-k", type=int_at_least(0), default=50, help="most and least drifted tokens to list (default 50)")
     cp.add_argument("--no-procrustes", action="store_true", help="skip the Procrustes alignment (faster on big models)")
     cp.add_argument("--no-spectral", action="store_true", help="skip the spectral deltas (no analysis of either model)")
-    cp.add_argument("--trim", type=float, default=0.2, help="TIES trim: sign conflicts also among the top fraction by magnitude (default 0.2)")
+    cp.add_argument("--trim", type=float_between(0, 1), default=0.2,
+                    help="TIES trim: sign conflicts also among the top fraction by magnitude (default 0.2)")
     _add_store(cp)
     _add_cluster(cp)
+    cp.set_defaults(check=_check_compare)
 
     tr = sub.add_parser("trajectory", help="every metric over the checkpoints of a training run, and drift")
-    tr.add_argument("paths", nargs="+", metavar="PATH",
+    tr.add_argument("paths", nargs="+", type=checkpoint, metavar="PATH",
                     help="a folder of checkpoints (checkpoint-<step>/, ckpt_<iter>.pt, ...) or the checkpoints themselves")
-    tr.add_argument("--out", help="write the long table (step × matrix) to .csv, .parquet or .json")
-    tr.add_argument("--plot", help="folder for metric-over-steps figures")
-    tr.add_argument("--plot-metrics", default="entropy_rank,stable_rank,alpha,drift_first_rel_change",
-                    help="columns to plot over steps (default entropy_rank,stable_rank,alpha,drift_first_rel_change)")
+    tr.add_argument("--out", type=output_file(*TABLE_SUFFIXES), help="write the long table (step × matrix) to .csv, .parquet or .json")
+    tr.add_argument("--plot", type=output_folder, help="folder for metric-over-steps figures")
+    tr.add_argument("--plot-metrics", type=_comma, default=PLOT_METRICS_DEFAULT,
+                    help=f"columns to plot over steps (default {PLOT_METRICS_DEFAULT})")
     tr.add_argument("--metrics", help="metrics to compute (names or groups; default all)")
     tr.add_argument("--procrustes", action="store_true", help="also the Procrustes-aligned cosine of each step's drift")
     _add_store(tr)
     _add_cluster(tr)
+    tr.set_defaults(check=_check_trajectory)
 
     rp = sub.add_parser("report", help="one self-contained HTML report (and Markdown) of one or more models")
-    rp.add_argument("paths", nargs="+", metavar="PATH", help="checkpoints; several give a side-by-side comparison")
-    rp.add_argument("--out", default="layerscope-report/report.html", help="HTML file (default layerscope-report/report.html)")
-    rp.add_argument("--md", help="also write Markdown here, with its PNGs in a folder beside it")
+    rp.add_argument("paths", nargs="+", type=checkpoint, metavar="PATH", help="checkpoints; several give a side-by-side comparison")
+    rp.add_argument("--out", type=output_file(".html", ".htm"), default="layerscope-report/report.html",
+                    help="HTML file (default layerscope-report/report.html)")
+    rp.add_argument("--md", type=output_file(".md"), help="also write Markdown here, with its PNGs in a folder beside it")
     rp.add_argument("--embeddings", action="store_true", help="compute the embedding geometry if not stored yet")
     rp.add_argument("--clusters", action="store_true", help="compute the token clusters if not stored yet")
     _add_store(rp)
@@ -136,14 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="the whole analysis (info, analyze, heads, embeddings, clusters) and the report")
     _add_common(rn)
-    rn.add_argument("--out", default="layerscope-out", help="output folder (default layerscope-out)")
-    rn.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters")
+    rn.add_argument("--out", type=output_folder, default="layerscope-out", help="output folder (default layerscope-out)")
+    rn.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
+    rn.add_argument("--skip", type=comma_list(("embeddings", "clusters")), default="",
+                    help="comma-separated stages to leave out: embeddings, clusters")
     _add_store(rn)
     _add_cluster(rn)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
-    ms.add_argument("--config", help="config file (energy levels change the metric names)")
+    ms.add_argument("--config", type=existing_file, help="config file (energy levels change the metric names)")
     return parser
 
 
@@ -162,7 +185,7 @@ def _config(args: argparse.Namespace) -> Config:
     return config.replace(**overrides)
 
 
-def cmd_info(args: argparse.Namespace, console: Console) -> int:
+def cmd_info(args: argparse.Namespace, console: "Console") -> int:
     from .anatomy import build_anatomy
     from .sources import open_source
     from .views import print_info
@@ -176,13 +199,13 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
-    from .weights.metrics import select_metrics
+def cmd_analyze(args: argparse.Namespace, console: "Console") -> int:
+    from rich.console import Console
+
     from .pipeline import analyze
-    from .views import print_summary, write_table
+    from .views import ProgressDisplay, print_summary, write_table
 
     config = _config(args)
-    select_metrics(config)  # reject unknown metric names before any work
     err = Console(stderr=True)
     with ProgressDisplay("analyzing", quiet=args.quiet) as progress:
         result = analyze(args.path, config, revision=args.revision,
@@ -208,21 +231,28 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
     try:
         return [(int(a), int(b)) for a, b in (item.strip().split(".") for item in text.split(",") if item.strip())]
     except ValueError:
-        raise LayerscopeError(f"--select: expected LAYER.HEAD items such as 0.3,5.11, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LAYER.HEAD items such as 0.3,5.11, got {text!r}") from None
 
 
-def cmd_heads(args: argparse.Namespace, console: Console) -> int:
+def _check_heads(args: argparse.Namespace) -> None:
+    if args.low_pct > args.high_pct:
+        raise LayerscopeError(f"--low-pct {args.low_pct:g} is above --high-pct {args.high_pct:g}")
+
+
+def cmd_heads(args: argparse.Namespace, console: "Console") -> int:
     from .weights.heads import heads
     from .views import print_heads
 
     config = _config(args)
-    selected = _parse_heads(args.select) if args.select else None
+    selected = args.select
     result = heads(args.path, config, low_pct=args.low_pct, high_pct=args.high_pct, revision=args.revision)
     print_heads(result, console)
     if args.out:
         result.save(args.out)
         console.print(f"wrote {len(result.table)} heads to {args.out}")
     if args.plot:
+        import pandas as pd
+
         from .plots import head_eigenvalues, head_heatmaps
 
         paths = head_heatmaps(result.table, args.plot, title=result.source.display_name)
@@ -235,33 +265,37 @@ def cmd_heads(args: argparse.Namespace, console: Console) -> int:
 
 
 def parse_bytes(text: str) -> int:
+    """``512MB``, ``2GB``, ... as bytes (an argparse ``type=``: a bad size is a one-line usage error)."""
     units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1, "": 1}
     t = text.strip().lower()
     number = t.rstrip("kmgb")
     try:
         value = int(float(number) * units[t[len(number):]])
     except (ValueError, KeyError):
-        raise LayerscopeError(f"--max-memory: expected a size such as 512MB or 2GB, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MB or 2GB, got {text!r}") from None
     if value < 1 << 20:
-        raise LayerscopeError(f"--max-memory: at least 1MB, got {text!r}")
+        raise argparse.ArgumentTypeError(f"at least 1MB, got {text!r}")
     return value
 
 
-def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
+def _parse_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as -0.5,1.0, got {text!r}") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"LOW must be below HIGH, got {text!r}")
+    return lo, hi
+
+
+def cmd_embeddings(args: argparse.Namespace, console: "Console") -> int:
     from .weights.embeddings import GeometryOptions, embeddings
-    from .views import print_embeddings
+    from .views import ProgressDisplay, print_embeddings
 
     config = _config(args)
-    try:
-        lo, hi = (float(v) for v in args.range.split(","))
-    except ValueError:
-        raise LayerscopeError(f"--range: expected LOW,HIGH such as -0.5,1.0, got {args.range!r}") from None
-    if not lo < hi or args.bins < 1:
-        raise LayerscopeError("--range must have LOW < HIGH and --bins must be >= 1")
-    if args.sample is not None and args.sample < 2:
-        raise LayerscopeError("--sample must be at least 2")
+    lo, hi = args.range
     options = GeometryOptions(threshold=args.threshold, bins=args.bins, lo=lo, hi=hi, precision=args.precision,
-                              max_memory=parse_bytes(args.max_memory), sample=args.sample, seed=config.seed)
+                              max_memory=args.max_memory, sample=args.sample, seed=config.seed)
     tokens = [t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None
     with ProgressDisplay("cosine blocks") as progress:
         result = embeddings(args.path, config, options=options, tokens=tokens, revision=args.revision,
@@ -278,27 +312,41 @@ def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
-    from .weights.clusters import clusters, parse_k_range
-    from .views import print_clusters
+def _parse_k_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(p) for p in text.replace("-", "..").split(".."))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW..HIGH such as 2..64, got {text!r}") from None
+    if not 2 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 2 <= LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
+def _parse_k_values(text: str) -> list[int]:
+    try:
+        k_values = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+    if not k_values or any(k < 2 for k in k_values):
+        raise argparse.ArgumentTypeError(f"every k must be >= 2, got {text!r}")
+    return k_values
+
+
+def cmd_clusters(args: argparse.Namespace, console: "Console") -> int:
+    from .weights.clusters import clusters
+    from .views import ProgressDisplay, print_clusters
 
     config = _config(args)
-    k_values = None
-    if args.k_values:
-        try:
-            k_values = [int(k) for k in args.k_values.split(",") if k.strip()]
-        except ValueError:
-            raise LayerscopeError(f"--k-values: expected integers, got {args.k_values!r}") from None
-        if any(k < 2 for k in k_values):
-            raise LayerscopeError("--k-values: every k must be >= 2")
     with ProgressDisplay("k-means") as progress:
-        result = clusters(args.path, config, k_range=parse_k_range(args.k_range), k_values=k_values,
+        result = clusters(args.path, config, k_range=args.k_range, k_values=args.k_values,
                           roles=(args.matrix,), selection=args.select_by, revision=args.revision,
                           progress=progress.update)
     print_clusters(result, console)
     if args.out:
         console.print(f"wrote {result.save(args.out)}")
     if args.plot:
+        import pandas as pd
+
         from .plots import selection_curve
 
         for role, res in result.matrices.items():
@@ -306,9 +354,16 @@ def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+def _check_compare(args: argparse.Namespace) -> None:
+    if args.base is None and len(args.paths) < 2:
+        raise LayerscopeError("compare needs two checkpoints (A B), or a base (--base) and at least one fine-tune")
+    if args.trim <= 0:
+        raise LayerscopeError(f"--trim must lie in (0, 1], got {args.trim:g}")
+
+
+def cmd_compare(args: argparse.Namespace, console: "Console") -> int:
     from .change.compare import compare
-    from .views import print_compare
+    from .views import ProgressDisplay, print_compare
 
     with ProgressDisplay("comparing") as progress:
         result = compare(*args.paths, base=args.base, config=_config(args), top_k=args.top_k, procrustes=not args.no_procrustes,
@@ -326,9 +381,25 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(result.table["error"].astype(str).str.startswith("unreadable")) else 0
 
 
-def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
+def _check_trajectory(args: argparse.Namespace) -> None:
+    """--plot-metrics must name columns the table will have: metric names or drift columns."""
+    if not args.plot:
+        return
+    from .change.compare import DRIFT_COLUMNS
+    from .weights.metrics import select_metrics
+
+    known = {m.name for m in select_metrics(_config(args))}
+    known |= {f"drift_{ref}_{c}" for ref in ("first", "prev") for c in DRIFT_COLUMNS}
+    if args.plot_metrics == _comma(PLOT_METRICS_DEFAULT):  # the defaults: plot those that --metrics computes
+        args.plot_metrics = [m for m in args.plot_metrics if m in known]
+    unknown = [m for m in args.plot_metrics if m not in known]
+    if unknown:
+        raise LayerscopeError(f"--plot-metrics: no column {', '.join(unknown)} (columns: {', '.join(sorted(known))})")
+
+
+def cmd_trajectory(args: argparse.Namespace, console: "Console") -> int:
     from .change.trajectory import trajectory
-    from .views import print_trajectory
+    from .views import ProgressDisplay, print_trajectory
 
     with ProgressDisplay("trajectory") as progress:
         result = trajectory(args.paths, _config(args), procrustes=args.procrustes, progress=progress.update)
@@ -338,15 +409,16 @@ def cmd_trajectory(args: argparse.Namespace, console: Console) -> int:
     if args.plot:
         from .plots import metric_over_steps
 
-        for metric in (m.strip() for m in args.plot_metrics.split(",") if m.strip()):
+        for metric in args.plot_metrics:
             if metric not in result.table.columns:
                 raise LayerscopeError(f"--plot-metrics: no column {metric!r} (columns: {', '.join(result.table.columns[6:])})")
             console.print(f"wrote {metric_over_steps(result.table, metric, args.plot)}")
     return 1 if result.skipped else 0
 
 
-def cmd_report(args: argparse.Namespace, console: Console) -> int:
+def cmd_report(args: argparse.Namespace, console: "Console") -> int:
     from .report import report
+    from .views import ProgressDisplay
 
     with ProgressDisplay("report") as progress:
         result = report(args.paths, _config(args), out=args.out, markdown=args.md,
@@ -357,20 +429,16 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(m.analysis.unreadable for m in result.models) else 0
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
+def cmd_run(args: argparse.Namespace, console: "Console") -> int:
     from .run import run
 
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"embeddings", "clusters"}
-    if unknown:
-        raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters)")
-    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console)
+    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=set(args.skip), console=console)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
     console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all: {stages})")
     return 1 if any(m.analysis.unreadable for m in result.models) else 0
 
 
-def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
+def cmd_metrics(args: argparse.Namespace, console: "Console") -> int:
     from rich.table import Table
 
     from .weights.metrics import all_metrics
@@ -390,12 +458,31 @@ COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embed
             "metrics": cmd_metrics}
 
 
+def _implicit_info(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``layerscope gpt2`` and ``layerscope model.safetensors`` mean ``layerscope info ...``: a first
+    word that is neither a command, nor an option, nor a near-miss of a command (``analyse``)."""
+    import difflib
+
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] not in commands and not argv[0].startswith("-") \
+            and not difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.75):
+        return ["info", *argv]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="layerscope: %(message)s")
-    console = Console()
+    parser = build_parser()
+    argv = _implicit_info(list(sys.argv[1:] if argv is None else argv), parser)
     try:
-        return COMMANDS[args.command](args, console)
+        args = parser.parse_args(argv)  # single-flag errors: one line, exit 2, before anything else
+    except SystemExit as exc:  # --help, --version, usage errors: a status to return, as for every other outcome
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    logging.basicConfig(level=logging.WARNING, format="layerscope: %(message)s")
+    try:
+        preflight(args, _config)  # config file, metric names, flags that depend on each other
+        from rich.console import Console
+
+        return COMMANDS[args.command](args, Console())
     except LayerscopeError as exc:
         print(f"layerscope: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,8 @@
-"""Ways to look at results: files (CSV, Parquet, JSON) and readable console tables."""
+"""Ways to look at results: files (CSV, Parquet, JSON) and readable console tables.
+
+pandas is imported inside the functions that need it: ``layerscope info`` prints through this module
+and should not pay for pandas (nor matplotlib or scikit-learn, which nothing here imports).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -15,6 +18,8 @@ from rich.table import Table
 from .errors import LayerscopeError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
     from .anatomy import Anatomy
     from .pipeline import AnalysisResult
 
@@ -26,7 +31,7 @@ MATRIX_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.ga
                      "moe.shared.gate", "moe.shared.up", "moe.shared.down", "ssm.in", "ssm.out")
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+def write_table(table: "pd.DataFrame", path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet", ".json"):
@@ -54,7 +59,7 @@ def human_count(n: int) -> str:
 
 
 def _fmt(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType":
         return "—"
     if isinstance(value, float):
         if math.isinf(value):
@@ -63,6 +68,141 @@ def _fmt(value: object) -> str:
             return f"{value:.2e}"
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+# -- tables that fit the terminal ----------------------------------------------------------------
+# Rich squeezes a table that is too wide by cutting every cell and header to "xxx…", which at 80
+# columns made compare's headers read "delta_…" three times and every checkpoint "ckpt_000…".
+# Instead: column widths are planned here, headers wrap onto several lines (never cut), numbers
+# keep their full width, the one name column gives up width and is shortened from the middle (the
+# start and the end, e.g. ``weight[k]`` or a step number, are what tell names apart), and if that is
+# still not enough the last columns are left out with a note saying which.
+
+#: Characters after which a header may wrap ("[" wraps before).
+_BREAK_AFTER = " ._-/|,"
+NAME_FLOOR = 16  # a shortened name column keeps at least this many cells
+
+
+def column_label(column: str) -> str:
+    """A header for a table column: ``delta_entropy_rank`` → ``Δ entropy rank`` (wraps at the spaces)."""
+    label = f"Δ {column[len('delta_'):]}" if column.startswith("delta_") else column
+    return label.replace("_", " ")
+
+
+def _header_pieces(label: str) -> list[str]:
+    pieces, current = [], ""
+    for ch in label:
+        if ch == "[" and current:
+            pieces.append(current)
+            current = ""
+        current += ch
+        if ch in _BREAK_AFTER:
+            pieces.append(current)
+            current = ""
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _piece_width(piece: str) -> int:
+    from rich.cells import cell_len
+
+    return cell_len(piece.rstrip(" "))
+
+
+def wrap_header(label: str, width: int) -> str:
+    """``label`` on lines of at most ``width`` cells, broken at spaces, after ``._-/`` or before
+    ``[``; a piece longer than the width is folded. Nothing is ever cut off."""
+    from rich.cells import cell_len, chop_cells
+
+    lines, line = [], ""
+    for piece in _header_pieces(label):
+        if line and _piece_width(line + piece) > width:
+            lines.append(line.rstrip(" "))
+            line = ""
+        if _piece_width(piece) > width:  # fold a piece too long for any line
+            chunks = chop_cells(piece.rstrip(" "), width)
+            lines.extend(chunks[:-1])
+            piece = chunks[-1]
+        line += piece
+    if line.strip():
+        lines.append(line.rstrip(" "))
+    return "\n".join(lines) if all(cell_len(x) <= width for x in lines) else label
+
+
+def shorten_middle(text: str, width: int, head: int | None = None) -> str:
+    """``text`` in at most ``width`` cells, its middle replaced by ``…`` (``head`` cells kept at the start)."""
+    from rich.cells import cell_len, set_cell_size
+
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    keep = width - 1
+    head = keep // 2 if head is None else max(0, min(head, keep))
+    start = set_cell_size(text, head).rstrip() if head else ""
+    end, tail = "", keep - cell_len(start)
+    for ch in reversed(text):  # the last ``tail`` cells
+        if cell_len(ch + end) > tail:
+            break
+        end = ch + end
+    return f"{start}…{end}"
+
+
+def shorten_unique(texts: list[str], width: int) -> list[str]:
+    """Each text shortened from the middle to ``width`` cells, the cut moved so that texts that
+    differ still read differently (when some split allows it)."""
+    keep = width - 1
+    for head in sorted(range(keep + 1), key=lambda h: abs(h - keep // 2)):
+        short = [shorten_middle(t, width, head) for t in texts]
+        if len(set(short)) == len(set(texts)):
+            return short
+    return [shorten_middle(t, width) for t in texts]
+
+
+def fitted_table(title: str, headers: list[str], rows: list[list[str]], width: int, *, shrink: int | None = None,
+                 justify: list[str] | None = None) -> Table:
+    """A rich Table of plain-text ``rows`` planned to fit ``width`` cells (see the comment above).
+
+    ``shrink``: the index of the name column that may be shortened. Columns that still do not fit
+    are left out from the right; the table's caption names them."""
+    from rich.cells import cell_len
+
+    n = len(headers)
+    justify = justify or ["left" if i == shrink else "right" for i in range(n)]
+    need = [max([cell_len(r[i]) for r in rows] or [0]) for i in range(n)]
+    header_min = [min(max(_piece_width(p) for p in _header_pieces(h)), 12) for h in headers]
+    w = [max(need[i], header_min[i], 1) for i in range(n)]
+    keep = list(range(n))
+
+    def over() -> int:  # no outer frame and no padding at the edges: 3 cells between columns
+        return sum(w[i] for i in keep) + 3 * (len(keep) - 1) - width
+
+    if over() > 0 and shrink is not None:
+        w[shrink] = max(min(w[shrink], max(NAME_FLOOR, header_min[shrink])), w[shrink] - over())
+    dropped = []
+    while over() > 0 and len(keep) > 2:
+        i = next(i for i in reversed(keep) if i not in (0, shrink))
+        keep.remove(i)
+        dropped.append(headers[i])
+    spare = -over()
+    for i in keep:  # room left: headers on one line where it fits
+        extra = cell_len(headers[i]) - w[i]
+        if 0 < extra <= spare:
+            w[i] += extra
+            spare -= extra
+    if shrink is not None and need[shrink] > w[shrink] and spare > 0:
+        w[shrink] += min(spare, need[shrink] - w[shrink])
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for i in keep:
+        table.add_column(escape(wrap_header(headers[i], w[i])), justify=justify[i], width=w[i], no_wrap=True)
+    short = shorten_unique([r[shrink] for r in rows], w[shrink]) if shrink is not None else None
+    for k, r in enumerate(rows):
+        table.add_row(*[escape(short[k] if i == shrink else r[i]) for i in keep])
+    if dropped:
+        table.caption = f"not shown at this width ({width} columns): {', '.join(dropped)}; see --out"
+        table.caption_justify = "left"
+    return table
 
 
 def print_info(anatomy: "Anatomy", label: str, fmt: str, console: Console | None = None) -> None:
@@ -115,21 +255,13 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
         pivot = sub.groupby(["layer", "role"])[metric].mean().unstack("role")
         if pivot.isna().all().all():
             continue
-        table = Table(title=f"{metric} by layer and role", title_justify="left")
-        table.add_column("layer", justify="right")
-        for r in roles:
-            table.add_column(r, justify="right")
-        for layer, row in pivot.iterrows():
-            table.add_row(str(layer), *[_fmt(row.get(r)) for r in roles])
-        console.print(table)
+        rows = [[str(layer), *[_fmt(row.get(r)) for r in roles]] for layer, row in pivot.iterrows()]
+        console.print(fitted_table(f"{metric} by layer and role", ["layer", *roles], rows, console.width))
     others = t[t["layer"].isna() & t["role"].isin(["embed.token", "embed.position", "embed.type", "lm_head"])]
     if len(others) and key:
-        table = Table(title="embeddings and head", title_justify="left")
-        for col in ["name", "shape", *key]:
-            table.add_column(col, justify="left" if col in ("name", "shape") else "right")
-        for _, row in others.iterrows():
-            table.add_row(escape(row["name"]), row["shape"], *[_fmt(row[m]) for m in key])
-        console.print(table)
+        rows = [[row["name"], row["shape"], *[_fmt(row[m]) for m in key]] for _, row in others.iterrows()]
+        console.print(fitted_table("embeddings and head", ["name", "shape", *map(column_label, key)], rows, console.width,
+                                   shrink=0, justify=["left", "left", *["right"] * len(key)]))
     errors = t[t["error"].astype(str) != ""]
     if len(errors):
         console.print(f"[yellow]{len(errors)} row(s) with notes[/yellow] (see the 'error' column):")
@@ -151,14 +283,9 @@ def print_heads(result, console: Console | None = None) -> None:
             "ov_eig_positive_fraction": "OV λ>0", "ov_copying_score": "OV copy", "qk_spectral_norm": "QK ‖·‖₂",
             "ov_spectral_norm": "OV ‖·‖₂"}
     d = result.anatomy.dims
-    table = Table(title=f"heads: {d.n_heads} query heads, {d.n_kv_heads} kv heads, head_dim {d.head_dim} "
-                        f"(per-layer means)", title_justify="left")
-    table.add_column("layer", justify="right")
-    for c in cols.values():
-        table.add_column(c, justify="right")
-    for layer, grp in t.groupby("layer"):
-        table.add_row(str(layer), *[_fmt(float(grp[c].mean())) for c in cols])
-    console.print(table)
+    rows = [[str(layer), *[_fmt(float(grp[c].mean())) for c in cols]] for layer, grp in t.groupby("layer")]
+    console.print(fitted_table(f"heads: {d.n_heads} query heads, {d.n_kv_heads} kv heads, head_dim {d.head_dim} "
+                               f"(per-layer means)", ["layer", *cols.values()], rows, console.width))
     lo, hi = result.thresholds
     fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
     console.print(f"low-rank heads (qk_entropy_rank ≤ {lo:.3g}, layer.head): {fmt(result.low_rank)}")
@@ -213,19 +340,27 @@ def print_clusters(result, console: Console | None = None) -> None:
         console.print(table)
 
 
-def _role_table(title: str, frame: pd.DataFrame, columns: list[str]) -> Table:
-    """Per role: number of matrices and the mean of each column."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("role")
-    table.add_column("matrices", justify="right")
-    for c in columns:
-        table.add_column(c, justify="right")
+def _role_table(title: str, frame: "pd.DataFrame", columns: list[str], width: int) -> Table:
+    """Per role: number of matrices and the mean of each column (a tied matrix counts once)."""
+    import pandas as pd
+
     order = [r for r in MATRIX_ROLE_ORDER if r in set(frame["role"])] + sorted(
         r for r in set(frame["role"]) if r not in MATRIX_ROLE_ORDER)
+    rows = []
     for role in order:
-        rows = frame[frame["role"] == role]
-        table.add_row(role, str(len(rows)), *[_fmt(pd.to_numeric(rows[c], errors="coerce").mean()) for c in columns])
-    return table
+        sub = frame[frame["role"] == role]
+        tied = "tied" in sub and (sub["tied"].astype(str) != "").all()
+        rows.append([f"{role}*" if tied else role, str(len(sub)),
+                     *[_fmt(pd.to_numeric(sub[c], errors="coerce").mean()) for c in columns]])
+    return fitted_table(title, ["role", "n", *map(column_label, columns)], rows, width, shrink=0)
+
+
+def _tied_note(rows: "pd.DataFrame") -> str | None:
+    """One line naming the matrices saved under two names (compare shows each once, marked ``*``)."""
+    if "tied" not in rows:
+        return None
+    ties = [f"{name} = {tied}" for name, tied in zip(rows["name"], rows["tied"]) if isinstance(tied, str) and tied]
+    return f"* tied: {'; '.join(ties)} (one matrix saved under two names, shown once)" if ties else None
 
 
 def print_compare(result, console: Console | None = None) -> None:
@@ -239,14 +374,15 @@ def print_compare(result, console: Console | None = None) -> None:
                         "delta_alpha") if c in result.table.columns]
     for label in result.models:
         rows = result.table[(result.table["model"] == label) & result.table["shape"].str.contains("×")]
-        console.print(_role_table(f"drift {result.reference} → {label}, mean by role", rows, cols))
+        console.print(_role_table(f"drift {result.reference} → {label}, mean by role", rows, cols, console.width))
         top = rows.sort_values("rel_change", ascending=False).head(8)
-        table = Table(title="most changed matrices", title_justify="left")
-        for c in ["name", *cols[:3]]:
-            table.add_column(c, justify="left" if c == "name" else "right")
-        for _, row in top.iterrows():
-            table.add_row(escape(row["name"]), *[_fmt(row[c]) for c in cols[:3]])
-        console.print(table)
+        shown = [[row["name"] + ("*" if isinstance(row.get("tied"), str) and row.get("tied") else ""),
+                  *[_fmt(row[c]) for c in cols[:3]]] for _, row in top.iterrows()]
+        console.print(fitted_table("most changed matrices", ["name", *map(column_label, cols[:3])], shown, console.width,
+                                   shrink=0))
+        note = _tied_note(rows)
+        if note:
+            console.print(escape(note))
         tok = result.tokens.get(label)
         if tok:
             console.print(f"token drift ({tok['tokens']:,} tokens, Procrustes-aligned): mean cosine {_fmt(tok['mean_cosine'])}, "
@@ -258,19 +394,17 @@ def print_compare(result, console: Console | None = None) -> None:
     tv = result.task_vectors
     if tv is not None and len(tv):
         cols = [c for c in tv.columns if c.startswith(("norm[", "cosine[", "sign_conflict"))]
-        console.print(_role_table(f"task vectors (model − {result.reference}), mean by role", tv, cols))
+        console.print(_role_table(f"task vectors (model − {result.reference}), mean by role", tv, cols, console.width))
 
 
 def print_trajectory(result, console: Console | None = None) -> None:
     """Per checkpoint: global drift and mean ranks; then where the run was still moving at the end."""
     console = console or Console()
     summary = result.summary()
-    table = Table(title=f"trajectory over {len(result.checkpoints)} checkpoints", title_justify="left")
-    for c in summary.columns:
-        table.add_column(c, justify="left" if c == "checkpoint" else "right")
-    for _, row in summary.iterrows():
-        table.add_row(*[escape(str(row[c])) if c == "checkpoint" else _fmt(row[c]) for c in summary.columns])
-    console.print(table)
+    columns = list(summary.columns)
+    rows = [[str(row[c]) if c == "checkpoint" else _fmt(row[c]) for c in columns] for _, row in summary.iterrows()]
+    console.print(fitted_table(f"trajectory over {len(result.checkpoints)} checkpoints", [column_label(c) for c in columns],
+                               rows, console.width, shrink=columns.index("checkpoint") if "checkpoint" in columns else None))
     last = result.table[result.table["step"] == result.table["step"].max()]
     moving = last[last["shape"].str.contains("×")].dropna(subset=["drift_prev_rel_change"])
     if len(moving):

@@ -175,7 +175,8 @@ def _nan(v: Any) -> float:
 # -- the comparison ---------------------------------------------------------------------------------
 @dataclass
 class CompareResult:
-    """``table``: one row per (model, matrix) — drift from the reference and spectral deltas.
+    """``table``: one row per (model, matrix) — drift from the reference and spectral deltas; a matrix
+    saved twice under two names (tied ``lm_head``) is one row, the other name in its ``tied`` column.
     ``tokens``: per model, token-embedding drift after Procrustes alignment (decoded).
     ``task_vectors``: with a base, one row per tensor — task-vector norms, cosines, sign conflicts.
     ``mismatch``: what did not match, in words (the matching tensors are still compared)."""
@@ -233,8 +234,9 @@ def compare(*models: Any, base: Any = None, config: Config | None = None, top_k:
             if not pairs:
                 raise LayerscopeError(f"{ref.label} and {target.label} have no tensor in common: {'; '.join(problems)}")
             matched[target.label] = pairs
-            for row in drift_rows(ref, target, pairs, store, procrustes=procrustes, slices=config.slices,
-                                  use_cache=config.cache, progress=progress):
+            target_rows = drift_rows(ref, target, pairs, store, procrustes=procrustes, slices=config.slices,
+                                     use_cache=config.cache, progress=progress)
+            for row in merge_tied(target_rows, tied_pairs(ref, target, pairs, store, config.cache)):
                 rows.append({"model": target.label, **row})
             tok = _token_drift(ref, target, pairs, store, top_k, config.cache)
             if tok is not None:
@@ -245,6 +247,41 @@ def compare(*models: Any, base: Any = None, config: Config | None = None, top_k:
     if spectral:
         table = _with_spectral_deltas(table, ref, targets, matched, config)
     return CompareResult(ref.label, [t.label for t in targets], table, tokens, task_table, mismatch)
+
+
+def tied_pairs(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, use_cache: bool = True) -> dict[str, str]:
+    """{lm_head name: token embedding name} when the two are one matrix (equal content) in both
+    checkpoints — nanoGPT and GPT-2 save the tied ``lm_head.weight`` beside ``wte.weight``. Their
+    drift rows would be two identical rows; :func:`merge_tied` keeps one, marked ``tied``."""
+    from ..pipeline import read_with_hash
+
+    names = dict(pairs)
+    embeds = [e.name for e in a.anatomy.by_role("embed.token") if e.name in names]
+    heads = [e.name for e in a.anatomy.by_role("lm_head") if e.name in names]
+    tied: dict[str, str] = {}
+    try:
+        hashes = {n: (read_with_hash(a.source, store, n, use_cache)[1], read_with_hash(b.source, store, names[n], use_cache)[1])
+                  for n in embeds + heads}
+    except LayerscopeError:  # an unreadable tensor: its row already says so, and nothing is merged
+        return tied
+    for head in heads:
+        twin = next((e for e in embeds if hashes[e] == hashes[head]), None)
+        if twin is not None:
+            tied[head] = twin
+    return tied
+
+
+def merge_tied(rows: list[dict[str, Any]], tied: dict[str, str]) -> list[dict[str, Any]]:
+    """Drop the rows of each tied copy (see :func:`tied_pairs`); the kept row's ``tied`` column names it."""
+    twins: dict[str, list[str]] = {}
+    for copy, kept in tied.items():
+        twins.setdefault(kept, []).append(copy)
+    out = []
+    for row in rows:
+        if row["name"].partition("[")[0] in tied:
+            continue
+        out.append({**row, "tied": ", ".join(twins.get(row["name"].partition("[")[0], []))})
+    return out
 
 
 def _token_drift(ref: Model, target: Model, pairs: list[tuple[str, str]], store: Store, top_k: int,
