@@ -34,6 +34,10 @@ def _add_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON, TOML or YAML file with Config keys; flags override it")
 
 
+UNTRAINED_HELP = ("leave out embedding rows that look untrained ([unused…] and reserved tokens, and rows as close "
+                  "to those as they are to each other; see the README)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerscope", description="See inside a transformer's weights.")
     parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
@@ -62,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--out", help="write the per-head table to .csv, .parquet or .json (JSON keeps the top eigenvalues)")
     hd.add_argument("--plot", help="folder for layer × head heatmaps and eigenvalue plots")
     hd.add_argument("--select", help="heads to plot eigenvalues of, as LAYER.HEAD list (default: most and least copying)")
-    hd.add_argument("--low-pct", type=float, default=25.0, help="low-rank heads: qk_entropy_rank at or below this percentile")
-    hd.add_argument("--high-pct", type=float, default=75.0, help="high-rank heads: qk_entropy_rank at or above this percentile")
     _add_store(hd)
 
     em = sub.add_parser("embeddings", help="exact all-pairs cosine geometry of the token embedding (and untied lm_head)")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--range", default="-0.5,1.0", help="histogram range LOW,HIGH (default -0.5,1.0)")
     em.add_argument("--precision", choices=["float32", "float64"], default="float32",
                     help="GEMM precision (float64: every count exact against a float64 reference; ~2x slower)")
+    em.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     em.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     _add_store(em)
 
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", help="write the clusters as JSON")
     cl.add_argument("--plot", help="folder for the k-selection curve")
     cl.add_argument("--seed", type=int, help="random seed (default 0)")
+    cl.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     _add_store(cl)
 
     cp = sub.add_parser("compare", help="drift between checkpoints: per matrix, spectral deltas, tokens, task vectors")
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", default="layerscope-out", help="output folder (default layerscope-out)")
     rn.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters")
+    rn.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     _add_store(rn)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
@@ -206,7 +211,7 @@ def cmd_heads(args: argparse.Namespace, console: Console) -> int:
 
     config = _config(args)
     selected = _parse_heads(args.select) if args.select else None
-    result = heads(args.path, config, low_pct=args.low_pct, high_pct=args.high_pct, revision=args.revision)
+    result = heads(args.path, config, revision=args.revision)
     print_heads(result, console)
     if args.out:
         result.save(args.out)
@@ -214,7 +219,8 @@ def cmd_heads(args: argparse.Namespace, console: Console) -> int:
     if args.plot:
         from .plots import head_eigenvalues, head_heatmaps
 
-        paths = head_heatmaps(result.table, args.plot, title=result.source.display_name)
+        paths = head_heatmaps(result.table, args.plot, title=result.source.display_name,
+                              head_dim=result.anatomy.dims.head_dim)
         if selected is None:
             ranked = result.table.sort_values("ov_copying_score")
             selected = [(int(r.layer), int(r.head)) for r in pd.concat([ranked.head(3), ranked.tail(3)]).itertuples()]
@@ -250,7 +256,8 @@ def cmd_embeddings(args: argparse.Namespace, console: Console) -> int:
     if args.sample is not None and args.sample < 2:
         raise LayerscopeError("--sample must be at least 2")
     options = GeometryOptions(threshold=args.threshold, bins=args.bins, lo=lo, hi=hi, precision=args.precision,
-                              max_memory=parse_bytes(args.max_memory), sample=args.sample, seed=config.seed)
+                              max_memory=parse_bytes(args.max_memory), sample=args.sample, seed=config.seed,
+                              exclude_untrained=args.exclude_untrained)
     tokens = [t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None
     with ProgressDisplay("cosine blocks") as progress:
         result = embeddings(args.path, config, options=options, tokens=tokens, revision=args.revision,
@@ -283,6 +290,7 @@ def cmd_clusters(args: argparse.Namespace, console: Console) -> int:
     with ProgressDisplay("k-means") as progress:
         result = clusters(args.path, config, k_range=parse_k_range(args.k_range), k_values=k_values,
                           roles=(args.matrix,), selection=args.select_by, revision=args.revision,
+                          exclude_untrained=args.exclude_untrained,
                           progress=progress.update)
     print_clusters(result, console)
     if args.out:
@@ -353,7 +361,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     unknown = skip - {"embeddings", "clusters"}
     if unknown:
         raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters)")
-    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console)
+    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console,
+                 exclude_untrained=args.exclude_untrained)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
     console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all: {stages})")
     return 1 if any(m.analysis.unreadable for m in result.models) else 0
