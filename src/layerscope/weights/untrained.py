@@ -10,9 +10,9 @@ second cosine mode of a vocabulary are often these rows. The rule (``RULE``):
    bytes), the 13 byte values that never occur in UTF-8 text (0xC0, 0xC1, 0xF5–0xFF);
 2. by similarity to those: when at least 8 rows are marked by name and they form a tight group (mean
    cosine to their centroid ≥ 0.5 — the shared drift of untrained rows; random rows would give ~1/√n),
-   every other row whose cosine to that centroid reaches the 5th percentile of the named rows' own
-   cosines, and whose norm lies within the named rows' norm range, is marked too (rare tokens that
-   training barely touched).
+   every other row whose cosine to that centroid is within 4 standard deviations of the named rows'
+   mean cosine, and whose norm lies within the named rows' norm range, is marked too (rare tokens
+   that training barely touched: on MiniLM, single characters of rare scripts).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ NAME_PATTERN = re.compile(r"^(\[unused\d+\]|<unused\d+>|<\|reserved_special_toke
 INVALID_UTF8_BYTES = (0xC0, 0xC1, *range(0xF5, 0x100))
 MIN_REFERENCE = 8
 TIGHT_COSINE = 0.5
-PERCENTILE = 5.0
+BAND_SDS = 4.0
 RULE = (
     "Untrained-looking rows: (1) by name, reserved placeholder tokens ([unused…], <unused…>, "
     "<|reserved_special_token_…|>, madeupword…), or, for a 256-entry byte vocabulary without a tokenizer, the 13 bytes "
     "that never occur in UTF-8 text (0xC0, 0xC1, 0xF5–0xFF); (2) when at least 8 rows are marked by name and they "
-    "form a tight group (mean cosine to their centroid ≥ 0.5), every row at least as close to that centroid as the "
-    "5th percentile of the named rows, with a norm inside the named rows' range."
+    "form a tight group (mean cosine to their centroid ≥ 0.5), every row whose cosine to that centroid is within 4 "
+    "standard deviations of the named rows' mean cosine and whose norm is inside the named rows' range."
 )
 
 
@@ -81,6 +81,7 @@ def untrained_rows(x: torch.Tensor, vocab) -> Untrained:
     if float(cos[named].mean()) < TIGHT_COSINE:
         return Untrained(named, len(named), 0)
     lo_norm, hi_norm = norms[named].min(), norms[named].max()
-    close = (cos >= np.percentile(cos[named], PERCENTILE)) & (norms >= lo_norm) & (norms <= hi_norm)
+    band = float(cos[named].mean()) - BAND_SDS * float(cos[named].std())
+    close = (cos >= band) & (norms >= lo_norm) & (norms <= hi_norm)
     ids = np.union1d(named, np.nonzero(close)[0]).astype(np.int64)
     return Untrained(ids, len(named), len(ids) - len(named))
