@@ -194,7 +194,7 @@ def test_report_math_labels_and_figures(minilm_run):
     md = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     for text in (md, html):
-        assert "_F" not in text and "_max" not in text  # no TeX-like underscores left as text
+        assert "²_F" not in text and "_max" not in text and "‖_F" not in text  # no TeX-like subscripts as text
     linked = {(out / link).resolve() for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)}
     written = {p.resolve() for p in (out / "report_figures").rglob("*.png")}
     assert written and written == linked  # every figure written is used, and only those

@@ -215,7 +215,7 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
     sections.append(phase)
     mp = Section("Random-matrix test (Marchenko–Pastur)", [Text(MP_RULE), Text(
         "mp_spikes: singular values above the MP edge plus the Tracy–Widom margin; mp_ks: Kolmogorov–Smirnov distance "
-        "of the eigenvalue distribution from the fitted MP law; mp_softrank: MP edge² / σ_max² (WeightWatcher's; 1 for a "
+        "of the eigenvalue distribution from the fitted MP law; mp_softrank: the square of MP edge over largest singular value (WeightWatcher's; 1 for a "
         "random matrix).")])
     for m in models:
         frame = mp_verdicts(m.table)
