@@ -138,8 +138,8 @@ def test_elbow_is_claimed_only_at_a_real_bend():
 
     ks = [2, 4, 8, 16, 32, 64]
     straight = [100 - 10 * np.log2(k) for k in ks]  # a straight line against log k: no elbow
-    bent = [100, 60, 20, 18, 16, 14]  # falls 20 per doubling, then 2
-    assert elbow_ratio(ks, bent, elbow(ks, bent)) == pytest.approx(20 / 2)
+    bent = [100, 60, 20, 18, 16, 14]  # falls 40 per doubling, then 2
+    assert elbow_ratio(ks, bent, elbow(ks, bent)) == pytest.approx(40 / 2)
     for inertia, claimed in ((straight, False), (bent, True)):
         scores = [{"k": k, "silhouette": 0.1, "inertia": i} for k, i in zip(ks, inertia)]
         v = verdict({"scores": scores, "elbow_k": elbow(ks, inertia)})
