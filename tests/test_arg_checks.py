@@ -33,8 +33,6 @@ def cases(ckpt: str, tmp: str) -> list[tuple[list[str], str]]:
         (["analyze", ckpt, "--config", f"{tmp}/missing.toml"], "--config"),
         (["heads", ckpt, "--out", f"{tmp}/h.xlsx"], "--out"),
         (["heads", ckpt, "--select", "1-2"], "--select"),
-        (["heads", ckpt, "--low-pct", "80", "--high-pct", "20"], "--low-pct"),
-        (["heads", ckpt, "--low-pct", "120"], "--low-pct"),
         (["embeddings", ckpt, "--out", f"{tmp}/e.csv"], "--out"),
         (["embeddings", ckpt, "--range", "1,0"], "--range"),
         (["embeddings", ckpt, "--bins", "0"], "--bins"),
@@ -84,7 +82,7 @@ def test_good_arguments_still_run(small, tmp_path, capsys):
     assert main(["analyze", str(small), "--out", str(out), "--workers", "0", "--device", "cpu", "--metrics",
                  "stats,alpha", "--quiet", "--store", str(tmp_path / "s" / "store.sqlite")]) == 0
     assert out.is_file()
-    assert main(["heads", str(small), "--select", "0.1,1.0", "--low-pct", "10", "--high-pct", "90",
+    assert main(["heads", str(small), "--select", "0.1,1.0",
                  "--store", str(tmp_path / "s" / "store.sqlite")]) == 0
     capsys.readouterr()
 

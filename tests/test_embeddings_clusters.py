@@ -129,6 +129,44 @@ def test_clusters_are_seeded_and_decoded(tmp_path):
     assert all(isinstance(t, str) and t for c in a["clusters"] for t in c["text"])
     best = max(a["scores"], key=lambda s: s["silhouette"])["k"]  # the default selection
     assert a["chosen_k"] == best
+    # MiniLM's vocabulary has no cluster structure by the stated rule (silhouette ~0.05 < 0.25)
+    assert a["verdict"]["structure"] is False and a["verdict"]["best_silhouette"] < 0.25
+
+
+def test_elbow_is_claimed_only_at_a_real_bend():
+    from layerscope.weights.clusters import elbow, elbow_ratio, verdict
+
+    ks = [2, 4, 8, 16, 32, 64]
+    straight = [100 - 10 * np.log2(k) for k in ks]  # a straight line against log k: no elbow
+    bent = [100, 60, 20, 18, 16, 14]  # falls 40 per doubling, then 2
+    assert elbow_ratio(ks, bent, elbow(ks, bent)) == pytest.approx(40 / 2)
+    for inertia, claimed in ((straight, False), (bent, True)):
+        scores = [{"k": k, "silhouette": 0.1, "inertia": i} for k, i in zip(ks, inertia)]
+        v = verdict({"scores": scores, "elbow_k": elbow(ks, inertia)})
+        assert v["elbow_claimed"] is claimed and v["structure"] is False
+
+
+def test_untrained_rows_of_minilm(minilm_embedding):
+    from layerscope.weights.embeddings import Vocabulary
+    from layerscope.weights.untrained import untrained_rows
+
+    src = open_source(checkpoints.minilm_dir())
+    vocab = Vocabulary.of(src, layerscope.inspect(checkpoints.minilm_dir()))
+    u = untrained_rows(minilm_embedding, vocab)
+    unused = [i for i in range(30522) if vocab.tokenizer.id_to_token(i).startswith("[unused")]
+    assert u.by_name == len(unused) == 994 and set(unused) <= set(u.ids.tolist())
+    # the extension by similarity: rows within 4 sd of the [unused] rows' mean cosine to their centroid
+    x = minilm_embedding.double().numpy()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    centre = unit[unused].mean(axis=0)
+    cos = unit @ (centre / np.linalg.norm(centre))
+    norms = np.linalg.norm(x, axis=1)
+    band = cos[unused].mean() - 4 * cos[unused].std()
+    expected = (cos >= band) & (norms >= norms[unused].min()) & (norms <= norms[unused].max())
+    assert set(np.nonzero(expected)[0]) | set(unused) == set(u.ids.tolist())
+    for word in ("the", "king", "queen", "##ing"):
+        assert vocab.lookup(word) not in u
+    assert vocab.lookup("พ") in u  # MiniLM's top hub, a rare-script character
 
 
 def test_cli_clusters_positions_separately(tmp_path, capsys):

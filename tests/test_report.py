@@ -161,3 +161,70 @@ def test_a_checkpoint_of_unknown_layout_still_gets_a_report(tmp_path):
     result = report([path], out=tmp_path / "r.html", markdown=tmp_path / "r.md")
     html = result.html.read_text()
     assert "Model card" in html and "no depth profile" in html and "<img" not in html
+
+
+# -- findings: only what passed a stated test, never infinite or NaN ------------------------------
+def _key_findings(md: str) -> str:
+    return md.split("## Key findings", 1)[1].split("\n## ", 1)[0]
+
+
+def _check_findings(md: str) -> None:
+    section = _key_findings(md)
+    assert "Rules:" in section and "Marchenko–Pastur" in section and "Peer test" in section
+    if "Nothing stands out" not in section:
+        findings = section.split("Findings — ", 1)[1].split("Rules:", 1)[0]
+        items = [line for line in findings.splitlines() if line.startswith("- ")]
+        assert items and all(re.search(r"\[[a-z -]*(test|rule)[a-z +-]*\]$", i) for i in items), items
+        for item in items:
+            assert not re.search(r"\b(inf|nan)\b|∞", item, re.IGNORECASE), item
+
+
+def test_minilm_findings_are_backed_and_finite(minilm_run):
+    md = (minilm_run["out"] / "report.md").read_text()
+    _check_findings(md)
+    assert "[random-matrix test + peer test]" in _key_findings(md)  # MiniLM's layer 5 stands apart
+    # the unused, untrained sentence-transformers pooler is the one random-like matrix
+    assert "| pooler.dense.weight | 384×384 | 0 |" in md and len(re.findall(r"\| random-like \|$", md, re.M)) == 1
+    # the hubs of MiniLM's vocabulary are marked as untrained-looking rows
+    assert "untrained-looking rows" in md and "†" in md
+
+
+def test_report_math_labels_and_figures(minilm_run):
+    out = minilm_run["out"]
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for text in (md, html):
+        assert "²_F" not in text and "_max" not in text and "‖_F" not in text  # no TeX-like subscripts as text
+    linked = {(out / link).resolve() for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)}
+    written = {p.resolve() for p in (out / "report_figures").rglob("*.png")}
+    assert written and written == linked  # every figure written is used, and only those
+    assert "L0 H" in md and ("no drop" in md or "no jump" in md)
+    phase = md.split("## Phase analysis", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in phase.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows and all("|  |" not in line for line in rows)  # no blank cells
+
+
+def test_nanogpt_reports_have_no_infinite_findings_and_no_warnings(trained_run, tmp_path):
+    import warnings
+
+    from layerscope.weights.clusters import clusters
+    from layerscope.weights.embeddings import GeometryOptions, embeddings
+
+    first, last = trained_run["checkpoints"][0], trained_run["checkpoints"][-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for path in (first, last):
+            out = tmp_path / Path(path).stem
+            assert main(["report", path, "--out", str(out / "r.html"), "--md", str(out / "r.md")]) == 0
+            md = (out / "r.md").read_text()
+            _check_findings(md)
+            # two layers: no peer test can be made, so no matrix is a finding
+            assert "stands apart" not in _key_findings(md)
+    # untrained-looking bytes (never in UTF-8 text) are marked and can be left out
+    emb = embeddings(last, options=GeometryOptions(exclude_untrained=True)).matrices["embed.token"]
+    assert emb["untrained"]["by_name"] == 13 and emb["untrained"]["excluded"]
+    assert all(not h["untrained"] for h in emb["threshold"]["top_hubs"])
+    assert not any(0xF5 <= h["id"] for h in emb["threshold"]["top_hubs"])
+    cl = clusters(last, k_values=[2, 3], exclude_untrained=True).matrices["embed.token"]
+    assert sum(c["size"] for c in cl["clusters"]) == 256 - emb["untrained"]["count"]
+    assert not any(any(c["untrained"]) for c in cl["clusters"])

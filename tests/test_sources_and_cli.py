@@ -18,7 +18,8 @@ REQUIRED_COLUMNS = [
     "name", "layer", "role", "shape", "dtype", "numel", "mean", "std", "min", "max", "abs_mean", "zero_fraction",
     "frobenius_norm", "nan_count", "inf_count", "spectral_norm", "stable_rank", "numerical_rank", "condition_number",
     "energy_rank_90", "energy_rank_98", "energy_rank_99", "energy_rank_90_ratio", "energy_rank_98_ratio",
-    "energy_rank_99_ratio", "entropy_rank", "alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "error",
+    "energy_rank_99_ratio", "entropy_rank", "alpha", "alpha_weighted", "log_norm", "log_spectral_norm",
+    "mp_sigma", "mp_edge", "mp_spikes", "mp_ks", "mp_softrank", "error",
 ]
 SPECTRAL = ["spectral_norm", "stable_rank", "entropy_rank", "alpha", "numerical_rank"]
 

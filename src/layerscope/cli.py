@@ -50,6 +50,10 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
                         "(RAY_ADDRESS honoured), 'ray://HOST:PORT' joins an existing one (needs layerscope[ray])")
 
 
+UNTRAINED_HELP = ("leave out embedding rows that look untrained ([unused…] and reserved tokens, and rows as close "
+                  "to those as they are to each other; see the README)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="layerscope", description="See inside a transformer's weights. "
                                                    "'layerscope PATH' is short for 'layerscope info PATH'.")
@@ -81,12 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the per-head table to .csv, .parquet or .json (JSON keeps the top eigenvalues)")
     hd.add_argument("--plot", type=output_folder, help="folder for layer × head heatmaps and eigenvalue plots")
     hd.add_argument("--select", type=_parse_heads, help="heads to plot eigenvalues of, as LAYER.HEAD list (default: most and least copying)")
-    hd.add_argument("--low-pct", type=float_between(0, 100), default=25.0,
-                    help="low-rank heads: qk_entropy_rank at or below this percentile")
-    hd.add_argument("--high-pct", type=float_between(0, 100), default=75.0,
-                    help="high-rank heads: qk_entropy_rank at or above this percentile")
     _add_store(hd)
-    hd.set_defaults(check=_check_heads)
 
     em = sub.add_parser("embeddings", help="exact all-pairs cosine geometry of the token embedding (and untied lm_head)")
     _add_common(em)
@@ -102,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--range", type=_parse_range, default="-0.5,1.0", help="histogram range LOW,HIGH (default -0.5,1.0)")
     em.add_argument("--precision", choices=["float32", "float64"], default="float32",
                     help="GEMM precision (float64: every count exact against a float64 reference; ~2x slower)")
+    em.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     em.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
     _add_store(em)
 
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", type=output_file(".json"), help="write the clusters as JSON")
     cl.add_argument("--plot", type=output_folder, help="folder for the k-selection curve")
     cl.add_argument("--seed", type=int, help="random seed (default 0)")
+    cl.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     _add_store(cl)
 
     cp = sub.add_parser("compare", help="drift between checkpoints: per matrix, spectral deltas, tokens, task vectors")
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
     rn.add_argument("--skip", type=comma_list(("embeddings", "clusters")), default="",
                     help="comma-separated stages to leave out: embeddings, clusters")
+    rn.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     _add_store(rn)
     _add_cluster(rn)
 
@@ -234,18 +236,13 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected LAYER.HEAD items such as 0.3,5.11, got {text!r}") from None
 
 
-def _check_heads(args: argparse.Namespace) -> None:
-    if args.low_pct > args.high_pct:
-        raise LayerscopeError(f"--low-pct {args.low_pct:g} is above --high-pct {args.high_pct:g}")
-
-
 def cmd_heads(args: argparse.Namespace, console: "Console") -> int:
     from .weights.heads import heads
     from .views import print_heads
 
     config = _config(args)
     selected = args.select
-    result = heads(args.path, config, low_pct=args.low_pct, high_pct=args.high_pct, revision=args.revision)
+    result = heads(args.path, config, revision=args.revision)
     print_heads(result, console)
     if args.out:
         result.save(args.out)
@@ -255,7 +252,8 @@ def cmd_heads(args: argparse.Namespace, console: "Console") -> int:
 
         from .plots import head_eigenvalues, head_heatmaps
 
-        paths = head_heatmaps(result.table, args.plot, title=result.source.display_name)
+        paths = head_heatmaps(result.table, args.plot, title=result.source.display_name,
+                              head_dim=result.anatomy.dims.head_dim)
         if selected is None:
             ranked = result.table.sort_values("ov_copying_score")
             selected = [(int(r.layer), int(r.head)) for r in pd.concat([ranked.head(3), ranked.tail(3)]).itertuples()]
@@ -295,7 +293,8 @@ def cmd_embeddings(args: argparse.Namespace, console: "Console") -> int:
     config = _config(args)
     lo, hi = args.range
     options = GeometryOptions(threshold=args.threshold, bins=args.bins, lo=lo, hi=hi, precision=args.precision,
-                              max_memory=args.max_memory, sample=args.sample, seed=config.seed)
+                              max_memory=args.max_memory, sample=args.sample, seed=config.seed,
+                              exclude_untrained=args.exclude_untrained)
     tokens = [t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None
     with ProgressDisplay("cosine blocks") as progress:
         result = embeddings(args.path, config, options=options, tokens=tokens, revision=args.revision,
@@ -340,6 +339,7 @@ def cmd_clusters(args: argparse.Namespace, console: "Console") -> int:
     with ProgressDisplay("k-means") as progress:
         result = clusters(args.path, config, k_range=args.k_range, k_values=args.k_values,
                           roles=(args.matrix,), selection=args.select_by, revision=args.revision,
+                          exclude_untrained=args.exclude_untrained,
                           progress=progress.update)
     print_clusters(result, console)
     if args.out:
@@ -432,7 +432,8 @@ def cmd_report(args: argparse.Namespace, console: "Console") -> int:
 def cmd_run(args: argparse.Namespace, console: "Console") -> int:
     from .run import run
 
-    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=set(args.skip), console=console)
+    result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=set(args.skip), console=console,
+                 exclude_untrained=args.exclude_untrained)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
     console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all: {stages})")
     return 1 if any(m.analysis.unreadable for m in result.models) else 0

@@ -38,24 +38,51 @@ HEAD_MAP_METRICS = {
     "ov_eig_positive_fraction": "OV share of eigenvalues with Re>0 (copying)",
     "ov_copying_score": "OV copying score ΣRe λ / Σ|λ|",
 }
+#: The maps the report shows (the others are written only by ``layerscope heads --plot``).
+REPORT_HEAD_METRICS = ("qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score")
 
 
-def head_heatmaps(table: pd.DataFrame, directory: str | Path, title: str = "") -> list[Path]:
-    """One layer × head heatmap per key head metric."""
+def head_scale(metric: str, values: np.ndarray, head_dim: int | None = None) -> tuple[str, float, float]:
+    """(colour map, vmin, vmax): one fixed scale per metric, from what the metric can be.
+
+    Ranks run from 0 to head_dim, shares from 0 to 1, the asymmetry from 0 to √2 (its maximum), the
+    signed copying score on a diverging map from −1 to 1 centred at 0; norms from 0 to their largest
+    value. A scale fitted to each map's own range would make tiny differences look large.
+    """
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 1.0
+    if metric.endswith("entropy_rank") or metric.endswith("energy_rank_99"):
+        return "viridis", 0.0, float(head_dim) if head_dim else top
+    if metric.endswith("fraction"):
+        return "viridis", 0.0, 1.0
+    if metric == "qk_asymmetry":
+        return "viridis", 0.0, float(np.sqrt(2.0))
+    if metric.endswith("copying_score"):
+        return "RdBu_r", -1.0, 1.0
+    return "viridis", 0.0, top if top > 0 else 1.0
+
+
+def head_heatmaps(table: pd.DataFrame, directory: str | Path, title: str = "",
+                  metrics: Sequence[str] | None = None, head_dim: int | None = None) -> list[Path]:
+    """One layer × head heatmap per head metric (``metrics``: all of HEAD_MAP_METRICS by default),
+    each on its metric's fixed colour scale (``head_scale``); rows are labelled L0, L1 …, columns H0, H1 …"""
     plt = _plt()
     out = []
-    for metric, label in HEAD_MAP_METRICS.items():
+    for metric in metrics or HEAD_MAP_METRICS:
         if metric not in table:
             continue
+        label = HEAD_MAP_METRICS.get(metric, metric)
         grid = table.pivot(index="layer", columns="head", values=metric).sort_index()
+        values = grid.to_numpy(dtype=float)
+        cmap, vmin, vmax = head_scale(metric, values, head_dim)
         fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 2), max(3.0, 0.4 * grid.shape[0] + 1.5)))
-        im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="viridis", origin="upper")
+        im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, origin="upper")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
-        ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+        ax.set_xticks(range(grid.shape[1]), [f"H{c}" for c in grid.columns], fontsize=8)
+        ax.set_yticks(range(grid.shape[0]), [f"L{i}" for i in grid.index])
         ax.set_title(f"{label}{' — ' + title if title else ''}")
-        fig.colorbar(im, ax=ax, label=metric)
+        fig.colorbar(im, ax=ax, label=label)
         out.append(_save(fig, Path(directory) / f"heads_{metric}.png"))
     return out
 
@@ -73,7 +100,7 @@ def head_eigenvalues(table: pd.DataFrame, selected: Iterable[tuple[int, int]], d
         row = row.iloc[0]
         for ax, circuit in zip(axes, ("qk", "ov")):
             eig = np.array(row[f"{circuit}_top_eigs"], dtype=float).reshape(-1, 2)
-            ax.scatter(eig[:, 0], eig[:, 1], s=28, color=colors(i % 10), label=f"L{layer}.H{head}", alpha=0.85)
+            ax.scatter(eig[:, 0], eig[:, 1], s=28, color=colors(i % 10), label=f"L{layer} H{head}", alpha=0.85)
     for ax, circuit in zip(axes, ("QK", "OV")):
         ax.axhline(0, color="grey", lw=0.6)
         ax.axvline(0, color="grey", lw=0.6)
@@ -209,7 +236,7 @@ def metric_over_steps(table: pd.DataFrame, metric: str, directory: str | Path, t
 
 def metric_by_layer(tables: dict[str, pd.DataFrame], metric: str, directory: str | Path, label: str) -> Path:
     """``metric`` against layer, one line per weight type (fixed colours); one panel per model."""
-    from .report.depth import layer_series, layered_roles
+    from .report.depth import MATH_LABELS, layer_series, layered_roles
 
     plt = _plt()
     n = len(tables)
@@ -226,6 +253,7 @@ def metric_by_layer(tables: dict[str, pd.DataFrame], metric: str, directory: str
         ax.grid(alpha=0.3)
         if n > 1:
             ax.set_title(name, fontsize=10)
+    label = MATH_LABELS.get(metric, label)  # mathtext in the figure, words in the report's headings
     axes[0][0].set_ylabel(label)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:

@@ -21,7 +21,8 @@ STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters")
 
 
 def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscope-out", revision: str | None = None,
-        skip: set[str] | frozenset[str] = frozenset(), console: Console | None = None, quiet: bool = False) -> Report:
+        skip: set[str] | frozenset[str] = frozenset(), console: Console | None = None, quiet: bool = False,
+        exclude_untrained: bool = False) -> Report:
     """Analyse ``path`` completely and write ``out``/report.html, report.md (figures beside them),
     analysis.csv, heads.csv, embeddings.json and clusters.json."""
     from .sources import open_source
@@ -51,7 +52,8 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
             display.update(stage, done, totals[stage])
 
         data = collect(source, config, embeddings=False if "embeddings" in skip else True,
-                       clusters=False if "clusters" in skip else True, progress=update)
+                       clusters=False if "clusters" in skip else True, progress=update,
+                       exclude_untrained=exclude_untrained)
         update("report", 0, 1)
         out.mkdir(parents=True, exist_ok=True)
         data.analysis.save(out / "analysis.csv")

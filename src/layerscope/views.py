@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Metrics shown in the console summary, in order of preference; the full set goes to --out.
 KEY_METRICS = ("entropy_rank", "stable_rank", "alpha", "condition_number", "std", "frobenius_norm")
+UNTRAINED_MARK = "†"  # marks an untrained-looking token (weights.untrained.RULE)
 MATRIX_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up",
                      "moe.router", "moe.expert.gate", "moe.expert.up", "moe.expert.down",
                      "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b", "xattn.q", "xattn.k", "xattn.v", "xattn.o",
@@ -276,7 +277,9 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
 
 
 def print_heads(result, console: Console | None = None) -> None:
-    """Per-layer means of the key head metrics, then the low- and high-rank heads."""
+    """Per-layer means of the key head metrics, then the head categories made against a null."""
+    from .weights.heads import head_label
+
     console = console or Console()
     t = result.table
     cols = {"qk_entropy_rank": "QK eff.rank", "ov_entropy_rank": "OV eff.rank", "qk_asymmetry": "QK asym",
@@ -286,10 +289,16 @@ def print_heads(result, console: Console | None = None) -> None:
     rows = [[str(layer), *[_fmt(float(grp[c].mean())) for c in cols]] for layer, grp in t.groupby("layer")]
     console.print(fitted_table(f"heads: {d.n_heads} query heads, {d.n_kv_heads} kv heads, head_dim {d.head_dim} "
                                f"(per-layer means)", ["layer", *cols.values()], rows, console.width))
-    lo, hi = result.thresholds
-    fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
-    console.print(f"low-rank heads (qk_entropy_rank ≤ {lo:.3g}, layer.head): {fmt(result.low_rank)}")
-    console.print(f"high-rank heads (qk_entropy_rank ≥ {hi:.3g}, layer.head): {fmt(result.high_rank)}")
+    cats = result.categories
+    null = cats.null
+    console.print(f"null: {null.draws} random heads of the same shapes give QK effective rank "
+                  f"{null.qk_entropy_rank[0]:.3g} ± {null.qk_entropy_rank[1]:.2g} (of {cats.head_dim}) and OV copying "
+                  f"score {null.ov_copying_score[0]:.2g} ± {null.ov_copying_score[1]:.2g}")
+    fmt = lambda heads: ", ".join(head_label(l, h) for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
+    for name, heads, bound in cats.items():
+        console.print(f"{name} heads ({bound}): {fmt(heads) if heads else 'none'}")
+    if not any(heads for _, heads, _ in cats.items()):
+        console.print("no head stands out from random heads by these rules")
 
 
 def print_embeddings(result, console: Console | None = None) -> None:
@@ -311,15 +320,21 @@ def print_embeddings(result, console: Console | None = None) -> None:
             table.add_row(f"neighbours (cos > {thr['value']})",
                           f"{thr['pairs_above']:,} pairs; per token mean {nb['mean']:.3g}, max {nb['max']}; "
                           f"{nb['tokens_with_neighbors']:,} tokens have one")
-            hubs = ", ".join(f"{h.get('text', h['id'])!r} ({h['neighbors']})" for h in thr["top_hubs"][:10])
+            hubs = ", ".join(f"{h.get('text', h['id'])!r}{UNTRAINED_MARK if h.get('untrained') else ''} ({h['neighbors']})"
+                             for h in thr["top_hubs"][:10])
             table.add_row("top hub tokens", escape(hubs) or "none")
         else:
             table.add_row(f"share of pairs with cos > {thr['value']}", f"{thr['fraction_above']:.3g} ± {thr['fraction_above_ci95_halfwidth']:.2g}")
         table.add_row("isotropy ‖mean row‖ / mean ‖row‖", f"{g['isotropy']['mean_vector_norm_over_mean_norm']:.4f}")
         n = g["norms"]
         table.add_row("row norms", f"mean {n['mean']:.4g} ± {n['std']:.3g}, min {n['min']:.4g}, median {n['p50']:.4g}, max {n['max']:.4g}")
+        u = g.get("untrained")
+        if u:
+            table.add_row("untrained-looking rows", f"{u['count']:,} ({u['by_name']:,} by name, {u['by_similarity']:,} by "
+                          f"similarity to them; marked {UNTRAINED_MARK}){'; excluded' if u['excluded'] else ''}")
         for word, near in g.get("nearest", {}).items():
-            table.add_row(escape(f"nearest to {word!r}"), escape(", ".join(f"{x['text']!r} {x['cosine']:.3f}" for x in near)))
+            table.add_row(escape(f"nearest to {word!r}"), escape(", ".join(
+                f"{x['text']!r}{UNTRAINED_MARK if x.get('untrained') else ''} {x['cosine']:.3f}" for x in near)))
         console.print(table)
 
 
@@ -328,16 +343,44 @@ def print_clusters(result, console: Console | None = None) -> None:
     for role, r in result.matrices.items():
         scores = {s["k"]: s for s in r["scores"]}
         chosen = scores[r["chosen_k"]]
-        console.print(f"[bold]{role}[/bold] {r['name']}: k = {r['chosen_k']} by {r['selection']} "
+        console.print(f"[bold]{role}[/bold] {escape(r['name'])}: k = {r['chosen_k']} by {r['selection']} "
                       f"(CH {chosen['calinski_harabasz']:.4g}, silhouette {chosen['silhouette']:.3f}; "
-                      f"elbow at k = {r['elbow_k']}; tried {', '.join(map(str, r['k_candidates']))})")
+                      f"tried {', '.join(map(str, r['k_candidates']))})")
+        console.print(escape(cluster_verdict_text(r)))
         table = Table(title_justify="left")
         table.add_column("cluster", justify="right")
         table.add_column("size", justify="right")
         table.add_column("tokens nearest the centre")
         for c in r["clusters"][:30]:
-            table.add_row(str(c["cluster"]), f"{c['size']:,}", escape(", ".join(repr(t) for t in c["text"])))
+            marks = c.get("untrained") or [False] * len(c["text"])
+            table.add_row(str(c["cluster"]), f"{c['size']:,}", escape(", ".join(
+                repr(t) + (UNTRAINED_MARK if u else "") for t, u in zip(c["text"], marks))))
         console.print(table)
+        u = r.get("untrained")
+        if u and u["count"]:
+            console.print(f"{UNTRAINED_MARK} untrained-looking row ({u['count']:,} in this vocabulary"
+                          f"{', excluded from the clustering' if u['excluded'] else ''})")
+
+
+def cluster_verdict_text(r: dict) -> str:
+    """The clusters' verdict in words, by the stated rule (weights.clusters.VERDICT_RULE)."""
+    from .weights.clusters import ELBOW_RATIO, SILHOUETTE_MIN
+
+    v = r["verdict"]
+    if v["structure"]:
+        text = (f"cluster structure: best silhouette {v['best_silhouette']:.3f} at k = {v['best_silhouette_k']} "
+                f"(≥ {SILHOUETTE_MIN:g}).")
+    else:
+        text = (f"no clear cluster structure at these k: the best silhouette is {v['best_silhouette']:.3f} "
+                f"(k = {v['best_silhouette_k']}), below {SILHOUETTE_MIN:g}; the clusters are a partition, not groups.")
+    ratio = v["elbow_ratio"]
+    if v["elbow_claimed"]:
+        text += f" Elbow at k = {r['elbow_k']} (inertia falls {ratio:.3g}× faster before it than after)."
+    else:
+        shown = f"{ratio:.2f}×" if ratio == ratio else "undefined"
+        text += (f" No elbow: the sharpest bend (k = {r['elbow_k']}) changes the slope by {shown}, "
+                 f"less than the {ELBOW_RATIO:g}× required.")
+    return text
 
 
 def _role_table(title: str, frame: "pd.DataFrame", columns: list[str], width: int) -> Table:

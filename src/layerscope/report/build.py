@@ -15,7 +15,9 @@ import pandas as pd
 from .. import __version__
 from ..config import Config
 from ..errors import LayerscopeError
+from ..views import UNTRAINED_MARK
 from . import depth
+from .findings import HEAVY_RULE, MP_RULE, mp_verdicts
 from .document import Document, Figure, Gallery, Items, Section, TableBlock, Text, to_html, to_markdown
 
 Progress = Callable[[str, int, int], None]
@@ -39,13 +41,13 @@ class ModelData:
 
 
 def collect(path: Any, config: Config, *, embeddings: bool | None = None, clusters: bool | None = None,
-            progress: Progress | None = None, label: str | None = None) -> ModelData:
+            progress: Progress | None = None, label: str | None = None, exclude_untrained: bool = False) -> ModelData:
     """Run (or read from the store) what the report needs. ``embeddings``/``clusters``: True to
     compute, None to include only if stored, False to leave out. Heads and MLP spectra are cheap
     and always included when the model has them."""
     from ..weights.clusters import clusters as run_clusters
     from ..change.compare import short_label
-    from ..weights.embeddings import embeddings as run_embeddings
+    from ..weights.embeddings import GeometryOptions, embeddings as run_embeddings
     from ..weights.heads import heads as run_heads
     from ..weights.mlp import mlp_down_spectra
     from ..pipeline import analyze
@@ -62,11 +64,11 @@ def collect(path: Any, config: Config, *, embeddings: bool | None = None, cluste
     ]
     if embeddings is not False:
         steps.append(("embeddings", lambda: _nonempty(run_embeddings(
-            source, config, cached_only=not embeddings,
+            source, config, cached_only=not embeddings, options=GeometryOptions(exclude_untrained=exclude_untrained),
             progress=(lambda n, d, t: progress("embeddings", d, t)) if progress else None))))
     if clusters is not False:
         steps.append(("clusters", lambda: _nonempty(run_clusters(
-            source, config, cached_only=not clusters,
+            source, config, cached_only=not clusters, exclude_untrained=exclude_untrained,
             progress=(lambda n, d, t: progress("clusters", d, t)) if progress else None))))
     for name, step in steps:
         if progress:
@@ -124,34 +126,38 @@ def _stats_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _findings(models: list[ModelData]) -> list[str]:
-    """A few sentences a reader should not miss."""
-    out = []
+def _findings(models: list[ModelData]) -> tuple[list[str], list[str]]:
+    """(context lines, findings): the findings are only claims that passed their stated tests."""
+    from ..weights.heads import head_label
+    from .findings import mp_verdicts, model_findings
+
+    context, found = [], []
     for m in models:
         t = m.table
         prefix = f"{m.label}: " if len(models) > 1 else ""
         mats = t[t["shape"].astype(str).str.contains("×")]
         notes = int((t["error"].astype(str) != "").sum())
-        out.append(f"{prefix}{len(mats)} matrices among {len(t)} tensors and slices analysed ({m.analysis.computed} "
-                   f"computed, {m.analysis.cached} from the store); {notes} with notes (see analysis.csv).")
-        phases = depth.phase_table(t, {"entropy_rank": "", "alpha": ""})
-        for metric in ("entropy_rank", "alpha"):
-            sub = phases[phases["metric"] == metric] if len(phases) else phases
-            shapes = sub.groupby("shape")["role"].apply(list).to_dict() if len(sub) else {}
-            if shapes:
-                described = "; ".join(f"{shape}: {', '.join(roles)}" for shape, roles in shapes.items())
-                out.append(f"{prefix}{metric} through depth — {described}.")
-        outl = depth.outliers(t)
-        if len(outl):
-            top = outl.iloc[0]
-            out.append(f"{prefix}{len(outl)} outlier value{'s' if len(outl) > 1 else ''}; the strongest: "
-                       f"{top['why']} ({top['name']}).")
-        if "alpha" in mats and mats["alpha"].notna().any():
-            heavy = mats[mats["alpha"] < 2]
-            if len(heavy):
-                out.append(f"{prefix}{len(heavy)} {'matrices have' if len(heavy) > 1 else 'matrix has'} α < 2 (very heavy-tailed spectra, often over-trained "
-                           f"or correlated weights): {', '.join(heavy['name'].head(4))}{' …' if len(heavy) > 4 else ''}.")
-    return out
+        context.append(f"{prefix}{len(mats)} matrices among {len(t)} tensors and slices analysed ({m.analysis.computed} "
+                       f"computed, {m.analysis.cached} from the store); {notes} with notes (see analysis.csv).")
+        verdicts = mp_verdicts(t)
+        if len(verdicts):
+            differs = int((verdicts["verdict"] == "differs from random").sum())
+            context.append(f"{prefix}{differs} of {len(verdicts)} matrices differ from a random matrix of their shape "
+                           "and scale (random-matrix test); only those can carry a finding.")
+        found += [prefix + str(f) for f in model_findings(t)]
+        if m.heads is not None:
+            for name, heads, bound in m.heads.categories.items():
+                if heads:
+                    shown = ", ".join(head_label(a, b) for a, b in heads[:12]) + (" …" if len(heads) > 12 else "")
+                    found.append(f"{prefix}{len(heads)} {name} head{'s' if len(heads) > 1 else ''} ({bound}, "
+                                 f"random heads: see Attention heads): {shown} [head null test]")
+        if m.clusters is not None:
+            from ..views import cluster_verdict_text
+
+            for role, r in m.clusters.matrices.items():
+                if r["verdict"]["structure"] or r["verdict"]["elbow_claimed"]:
+                    found.append(f"{prefix}{role} clusters: {cluster_verdict_text(r)} [cluster rule]")
+    return context, found
 
 
 def build_document(models: list[ModelData], figures: Path, compare_result: Any = None) -> Document:
@@ -161,7 +167,17 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
     many = len(models) > 1
     sections: list[Section] = []
     sections.append(Section("Model card", [TableBlock(_card(models))]))
-    sections.append(Section("Key findings", [Items(_findings(models))]))
+    context, found = _findings(models)
+
+    key = Section("Key findings", [Items(context)])
+    if found:
+        key.blocks += [Text("Findings — each passed the tests named in brackets, by the rules stated below:"), Items(found)]
+    else:
+        key.blocks.append(Text("Nothing stands out: no matrix, head or cluster passes the tests stated below. The "
+                               "tables further down hold every number."))
+    key.blocks += [Text("Rules:"), Items([MP_RULE, depth.OUTLIER_RULE + " A matrix finding needs both this and the "
+                                          "random-matrix test.", HEAVY_RULE])]
+    sections.append(key)
 
     # metrics through depth, per weight type
     intro = Section("Metrics through depth, per weight type", [Text(
@@ -197,10 +213,24 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
         else:
             phase.blocks.append(Text("Fewer than three layers: no phases to compare."))
     sections.append(phase)
-    outl = Section("Outlier matrices", [Text(depth.OUTLIER_RULE)])
+    mp = Section("Random-matrix test (Marchenko–Pastur)", [Text(MP_RULE), Text(
+        "mp_spikes: singular values above the MP edge plus the Tracy–Widom margin; mp_ks: Kolmogorov–Smirnov distance "
+        "of the eigenvalue distribution from the fitted MP law; mp_softrank: the square of MP edge over largest singular value (WeightWatcher's; 1 for a "
+        "random matrix).")])
+    for m in models:
+        frame = mp_verdicts(m.table)
+        if len(frame):
+            mp.blocks.append(TableBlock(frame.drop(columns=["role", "layer"]), "per matrix"
+                                        + (f" — {m.label}" if many else ""), max_rows=80))
+        else:
+            mp.blocks.append(Text(f"{m.label + ': ' if many else ''}no matrix has the MP metrics (they were not "
+                                  "computed; run analyze with the spectral metrics)."))
+    sections.append(mp)
+    outl = Section("Outlier matrices", [Text(depth.OUTLIER_RULE), Text(
+        "An outlier is a finding only when its spectrum also differs from random (column 'random-like' is no).")])
     for m in models:
         frame = depth.outliers(m.table)
-        cols = ["name", "metric", "robust z", "why"]
+        cols = ["name", "metric", "robust z", "random-like", "why"]
         if len(frame):
             outl.blocks.append(TableBlock(frame[cols], f"{len(frame)} outlier values" + (f" — {m.label}" if many else "")))
         else:
@@ -240,22 +270,30 @@ def _slug(text: str) -> str:
 
 def _heads_section(m: ModelData, figures: Path, suffix: str) -> Section:
     from .. import plots
+    from ..weights.heads import head_label
 
     h = m.heads
     d = h.anatomy.dims
+    cats = h.categories
     sec = Section("Attention heads" + suffix, [Text(
         f"{d.n_heads} query heads and {d.n_kv_heads} key/value heads of dimension {d.head_dim} per layer. QK circuit "
         "W_Qᵀ W_K (where a head looks) and OV circuit W_O W_V (what it writes), computed in factored form. "
-        "A copying head has an OV circuit with mostly positive eigenvalues.")])
-    paths = plots.head_heatmaps(h.table, figures / _slug(m.label), m.label)
-    shown = [p for key in ("qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score")
-             for p in paths if p.stem.endswith(key)]
-    sec.blocks.append(Gallery([Figure(p, p.stem.replace("heads_", "").replace("_", " ") + " (layer × head)")
-                               for p in shown]))
-    lo, hi = h.thresholds
-    show = lambda heads: ", ".join(f"{a}.{b}" for a, b in heads[:48]) + (" …" if len(heads) > 48 else "")  # noqa: E731
-    sec.blocks.append(Items([f"low-rank heads (QK effective rank ≤ {lo:.3g}, layer.head): {show(h.low_rank) or 'none'}",
-                             f"high-rank heads (QK effective rank ≥ {hi:.3g}): {show(h.high_rank) or 'none'}"]))
+        "A copying head has an OV circuit with mostly positive eigenvalues (copying score ΣRe λ / Σ|λ| near 1). "
+        "Each map has one colour scale for its metric: effective ranks from 0 to head_dim, the signed copying score "
+        "on a diverging scale centred at 0.")])
+    paths = plots.head_heatmaps(h.table, figures / _slug(m.label), m.label, metrics=plots.REPORT_HEAD_METRICS,
+                                head_dim=d.head_dim)
+    sec.blocks.append(Gallery([Figure(p, plots.HEAD_MAP_METRICS[p.stem.removeprefix("heads_")] + " (layer × head)")
+                               for p in paths]))
+    null = cats.null
+    sec.blocks.append(Text(cats.rule + f" Here the null gives QK effective rank {null.qk_entropy_rank[0]:.3g} ± "
+                           f"{null.qk_entropy_rank[1]:.2g} of {cats.head_dim}, and OV copying score "
+                           f"{null.ov_copying_score[0]:.2g} ± {null.ov_copying_score[1]:.2g}."))
+    show = lambda heads: ", ".join(head_label(a, b) for a, b in heads[:48]) + (" …" if len(heads) > 48 else "")  # noqa: E731
+    lines = [f"{name} heads ({bound}): {show(heads) or 'none'}" for name, heads, bound in cats.items()]
+    if not any(heads for _, heads, _ in cats.items()):
+        lines.append("Nothing stands out: every head is within the range of random heads by these rules.")
+    sec.blocks.append(Items(lines))
     means = h.table.groupby("layer")[["qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score"]].mean()
     sec.blocks.append(TableBlock(means.reset_index(), "per-layer means over heads"))
     return sec
@@ -278,10 +316,17 @@ def _embeddings_section(m: ModelData, figures: Path, suffix: str) -> Section:
                 ("row norms", f"mean {g['norms']['mean']:.4g}, min {g['norms']['min']:.4g}, max {g['norms']['max']:.4g}")]
         if "neighbors_per_token" in thr:
             rows.append((f"pairs with cosine > {thr['value']}", f"{thr['pairs_above']:,}"))
-            rows.append(("top hub tokens", ", ".join(f"{h.get('text', h['id'])!r} ({h['neighbors']})"
-                                                     for h in thr["top_hubs"][:10])))
+            rows.append(("top hub tokens", ", ".join(f"{h.get('text', h['id'])!r}{UNTRAINED_MARK if h.get('untrained') else ''}"
+                                                     f" ({h['neighbors']})" for h in thr["top_hubs"][:10])))
+        u = g.get("untrained")
+        if u:
+            rows.append(("untrained-looking rows", f"{u['count']:,} ({u['by_name']:,} by name, {u['by_similarity']:,} by "
+                         f"similarity to them), marked {UNTRAINED_MARK}" + ("; excluded from these statistics"
+                                                                           if u["excluded"] else "")))
         sec.blocks.append(TableBlock(pd.DataFrame(rows, columns=["", role])))
         sec.blocks.append(Figure(path, f"all-pairs cosine similarity of {role}"))
+        if u:
+            sec.blocks.append(Text(f"{UNTRAINED_MARK} {u['rule']}"))
     return sec
 
 
@@ -291,18 +336,27 @@ def depth_fmt(v: Any) -> str:
 
 def _clusters_section(m: ModelData, figures: Path, suffix: str) -> Section:
     from .. import plots
+    from ..views import cluster_verdict_text
+    from ..weights.clusters import VERDICT_RULE
 
-    sec = Section("Token clusters" + suffix)
+    sec = Section("Token clusters" + suffix, [Text(VERDICT_RULE)])
     for role, r in m.clusters.matrices.items():
         scores = pd.DataFrame(r["scores"])
         sec.blocks.append(Text(f"{r['name']}: k-means over k in {', '.join(map(str, r['k_candidates']))}; k = "
-                               f"{r['chosen_k']} chosen by {r['selection'].replace('_', '-')} (the elbow of the "
-                               f"inertia is at k = {r['elbow_k']}). Each cluster is shown by the tokens nearest its centre."))
+                               f"{r['chosen_k']} has the best {r['selection'].replace('_', '-')}. "
+                               + cluster_verdict_text(r) + " Each cluster is shown by the tokens nearest its centre."))
         sec.blocks.append(Figure(plots.selection_curve(scores, r["chosen_k"], figures / _slug(m.label), role),
                                  "choosing k: Calinski–Harabasz, silhouette and inertia"))
-        rows = [{"cluster": c["cluster"], "size": c["size"], "tokens nearest the centre": ", ".join(repr(t) for t in c["text"])}
-                for c in r["clusters"]]
+        rows = []
+        for c in r["clusters"]:
+            marks = c.get("untrained") or [False] * len(c["text"])
+            rows.append({"cluster": c["cluster"], "size": c["size"], "tokens nearest the centre": ", ".join(
+                repr(t) + (UNTRAINED_MARK if u else "") for t, u in zip(c["text"], marks))})
         sec.blocks.append(TableBlock(pd.DataFrame(rows), f"{len(rows)} clusters, largest first", max_rows=40))
+        u = r.get("untrained")
+        if u and u["count"]:
+            sec.blocks.append(Text(f"{UNTRAINED_MARK} untrained-looking token ({u['count']:,} in this vocabulary"
+                                   + (", left out of the clustering" if u["excluded"] else "") + f"). {u['rule']}"))
     return sec
 
 

@@ -17,9 +17,15 @@ import pandas as pd
 DEPTH_METRICS = {
     "entropy_rank": "effective rank (entropy)",
     "energy_rank_99_ratio": "energy rank 99% / full rank",
-    "stable_rank": "stable rank ‖W‖²_F / σ²_max",
+    "stable_rank": "stable rank (squared Frobenius norm over squared spectral norm)",
     "alpha": "power-law exponent α (heavy tail)",
-    "spectral_norm": "spectral norm σ_max",
+    "spectral_norm": "spectral norm (largest singular value)",
+}
+#: The same names as matplotlib mathtext, for figure titles and axes (headings use the words above).
+MATH_LABELS = {
+    "stable_rank": r"stable rank $\Vert W\Vert_F^2\,/\,\sigma_{\max}^2$",
+    "alpha": r"power-law exponent $\alpha$ (heavy tail)",
+    "spectral_norm": r"spectral norm $\sigma_{\max}$",
 }
 
 FLAT_TOLERANCE = 0.05
@@ -30,9 +36,14 @@ SHAPE_RULE = (
     "U-shaped (middle below both ends), inverted U (middle above both ends)."
 )
 OUTLIER_Z = 3.5
+MIN_LAYERS = 4
+REL_FLOOR = 0.05
 OUTLIER_RULE = (
-    "Robust z-score z = 0.6745 · (x − median) / MAD within each weight type and metric "
-    f"(Iglewicz & Hoaglin); a matrix is an outlier when |z| > {OUTLIER_Z}."
+    f"Peer test, within each weight type and metric over at least {MIN_LAYERS} layers: z = (x − median) / s with "
+    f"s = max(MAD / 0.6745, {REL_FLOOR:g} · mean |x|) — Iglewicz & Hoaglin's robust z-score, its spread floored at "
+    f"{REL_FLOOR:.0%} of the metric's typical size so that near-identical layers never give a huge (or infinite) z; "
+    f"a matrix is apart from its peers when |z| > {OUTLIER_Z:g}, i.e. at least {OUTLIER_Z * REL_FLOOR:.1%} of the "
+    "typical size away from the median."
 )
 
 
@@ -121,28 +132,40 @@ def phase_table(table: pd.DataFrame, metrics: dict[str, str] = DEPTH_METRICS) ->
             rows.append({
                 "metric": metric, "role": role, "early": early, "middle": middle, "late": late,
                 "shape": classify_shape(s),
-                "largest drop": _step_text(steps["drop"]), "largest jump": _step_text(steps["jump"]),
+                "largest drop": _step_text(steps["drop"], "drop"), "largest jump": _step_text(steps["jump"], "jump"),
             })
     return pd.DataFrame(rows)
 
 
-def _step_text(step: tuple[int, int, float] | None) -> str:
-    return "" if step is None else f"{step[2]:+.3g} (layer {step[0]} → {step[1]})"
+def _step_text(step: tuple[int, int, float] | None, kind: str) -> str:
+    return f"no {kind}" if step is None else f"{step[2]:+.3g} (layer {step[0]} → {step[1]})"
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """0.6745 (x − median) / MAD; zeros where MAD is 0 and x equals the median, ±inf where it does not."""
-    med = np.median(values)
-    mad = np.median(np.abs(values - med))
-    dev = values - med
-    if mad == 0:
-        return np.where(dev == 0, 0.0, np.sign(dev) * np.inf)
-    return 0.6745 * dev / mad
+def robust_z(values: np.ndarray, rel_floor: float = REL_FLOOR) -> np.ndarray:
+    """(x − median) / s with s = max(MAD / 0.6745, rel_floor · mean|x|): always finite (see ``OUTLIER_RULE``).
+
+    The floor is what makes the score safe: identical layers (MAD = 0) give z = 0 for every layer
+    that equals the median and a finite z for one that does not, never ±inf; all-zero values give 0.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return x
+    med = np.median(x)
+    dev = x - med
+    scale = max(float(np.median(np.abs(dev))) / 0.6745, rel_floor * float(np.mean(np.abs(x))))
+    if not scale > 0:  # every value is 0
+        return np.zeros_like(x)
+    return dev / scale
 
 
 def outliers(table: pd.DataFrame, metrics: dict[str, str] = DEPTH_METRICS, z_limit: float = OUTLIER_Z,
-             min_group: int = 4) -> pd.DataFrame:
-    """Matrices whose metric sits far from the rest of their weight type (see ``OUTLIER_RULE``)."""
+             min_group: int = MIN_LAYERS) -> pd.DataFrame:
+    """Matrices whose metric sits far from the rest of their weight type (see ``OUTLIER_RULE``).
+
+    Each row also says whether the matrix's own spectrum is random-like by the Marchenko–Pastur
+    rule (``random-like``; None when the table has no MP columns), which a finding needs too."""
+    from ..weights.metrics.mp import is_random_like
+
     mats = table[table["shape"].astype(str).str.contains("×")]
     out = []
     for metric in metrics:
@@ -157,8 +180,13 @@ def outliers(table: pd.DataFrame, metrics: dict[str, str] = DEPTH_METRICS, z_lim
             for (idx, value), zi in zip(values.items(), z):
                 if abs(zi) > z_limit:
                     row = group.loc[idx]
+                    random_like = None
+                    if "mp_spikes" in row and pd.notna(row.get("mp_ks")):
+                        m = min(int(p) for p in str(row["shape"]).split("×"))
+                        random_like = is_random_like(row["mp_spikes"], float(row["mp_ks"]), m)
                     out.append({"name": row["name"], "role": role, "layer": row["layer"], "metric": metric,
                                 "value": float(value), "role median": med, "robust z": float(zi),
+                                "random-like": random_like,
                                 "why": f"{metric} {value:.4g} is {'above' if zi > 0 else 'below'} the {role} "
                                        f"median {med:.4g} (z = {zi:+.1f})"})
     frame = pd.DataFrame(out)

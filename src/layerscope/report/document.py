@@ -91,7 +91,7 @@ def fmt(value: Any) -> str:
 
 # -- HTML ------------------------------------------------------------------------------------------
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d232b;background:#f6f7f9;line-height:1.45}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans","Noto Sans","Noto Sans Thai","Noto Sans Sinhala","Noto Sans Tibetan","Noto Sans CJK SC",sans-serif;margin:0;color:#1d232b;background:#f6f7f9;line-height:1.45}
 main{max-width:1180px;margin:0 auto;padding:24px 32px 64px;background:#fff;box-shadow:0 0 0 1px #e3e6ea}
 h1{font-size:1.8rem;margin:0.2em 0 0}
 .subtitle{color:#5b6470;margin:0.2em 0 1.2em}

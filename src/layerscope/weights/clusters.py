@@ -23,6 +23,7 @@ from .embeddings import Vocabulary
 from ..errors import LayerscopeError
 from ..sources import Source, open_source
 from ..store import Store
+from .untrained import Untrained, untrained_rows
 
 MINIBATCH_ABOVE = 20_000  # rows; above this, MiniBatchKMeans
 CLUSTERS_VERSION = "1"
@@ -52,6 +53,41 @@ def elbow(ks: Sequence[int], inertia: Sequence[float]) -> int:
     xn = (x - x[0]) / (x[-1] - x[0])
     yn = (y - y[-1]) / max(y[0] - y[-1], 1e-300)
     return int(ks[int(np.argmax((1 - xn) - yn))])
+
+
+SILHOUETTE_MIN = 0.25
+ELBOW_RATIO = 2.0
+VERDICT_RULE = (
+    f"Cluster structure is claimed only when the best silhouette over the k tried is at least {SILHOUETTE_MIN:g} "
+    "(Kaufman & Rousseeuw: below 0.25 'no substantial structure has been found'); otherwise the clusters are a "
+    "partition of the vocabulary, not evidence of groups. An elbow is claimed at k only when the inertia falls at "
+    f"least {ELBOW_RATIO:g}× faster before k than after it (slopes against log k, k strictly inside the range tried)."
+)
+
+
+def elbow_ratio(ks: Sequence[int], inertia: Sequence[float], k: int) -> float:
+    """Slope of inertia against log k before ``k`` over the slope after it (inf when flat after)."""
+    x = np.log(np.asarray(ks, dtype=float))
+    y = np.asarray(inertia, dtype=float)
+    i = list(ks).index(k)
+    if i == 0 or i == len(ks) - 1:
+        return float("nan")
+    before = (y[0] - y[i]) / (x[i] - x[0])
+    after = (y[i] - y[-1]) / (x[-1] - x[i])
+    if after <= 0:
+        return float("inf") if before > 0 else float("nan")
+    return float(before / after)
+
+
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Whether the scores show cluster structure and an elbow, by ``VERDICT_RULE`` (from stored scores)."""
+    scores = result["scores"]
+    best = max(scores, key=lambda s: s["silhouette"])
+    ratio = elbow_ratio([s["k"] for s in scores], [s["inertia"] for s in scores], result["elbow_k"])
+    return {"best_silhouette": float(best["silhouette"]), "best_silhouette_k": int(best["k"]),
+            "structure": bool(best["silhouette"] >= SILHOUETTE_MIN), "elbow_ratio": ratio,
+            "elbow_claimed": bool(np.isfinite(ratio) and ratio >= ELBOW_RATIO) or ratio == float("inf"),
+            "rule": VERDICT_RULE}
 
 
 def _kmeans(k: int, n_rows: int, seed: int):
@@ -123,7 +159,8 @@ class ClustersResult:
 
 def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, int] = (2, 64),
              k_values: Sequence[int] | None = None, roles: Sequence[str] = ("embed.token",),
-             representatives: int = 8, selection: str = "silhouette", revision: str | None = None,
+             representatives: int = 8, selection: str = "silhouette", exclude_untrained: bool = False,
+             revision: str | None = None,
              progress: Callable[[str, int, int], None] | None = None, cached_only: bool = False,
              **overrides: Any) -> ClustersResult:
     """Token clusters of each requested embedding matrix (``embed.token`` by default);
@@ -135,8 +172,11 @@ def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, i
         raise LayerscopeError(f"--select-by must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     ks = sorted(set(k_values)) if k_values else k_grid(k_range)
     vocab = Vocabulary.of(src, anatomy)
-    params = json.dumps({"ks": ks, "seed": config.seed, "representatives": representatives, "selection": selection,
-                         "version": CLUSTERS_VERSION})
+    key = {"ks": ks, "seed": config.seed, "representatives": representatives, "selection": selection,
+           "version": CLUSTERS_VERSION}
+    if exclude_untrained:
+        key["exclude_untrained"] = True
+    params = json.dumps(key)
     out: dict[str, dict[str, Any]] = {}
     with Store(config.resolved_store()) as store:
         for role in roles:
@@ -150,13 +190,20 @@ def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, i
             result = store.artifact(digest, "clusters", params) if config.cache else None
             if result is None and cached_only:
                 continue
+            untrained = untrained_rows(x, vocab) if role != "embed.position" else Untrained()
             if result is None:
                 cb = (lambda done, total, _r=role: progress(_r, done, total)) if progress else None
-                result = cluster_rows(x, ks, config.seed, representatives=representatives, selection=selection,
-                                      progress=cb)
+                keep = np.setdiff1d(np.arange(x.shape[0]), untrained.ids) if exclude_untrained else None
+                result = cluster_rows(x if keep is None else x[torch.from_numpy(keep)], ks, config.seed,
+                                      representatives=representatives, selection=selection, progress=cb)
+                if keep is not None:  # ids of the kept rows back to vocabulary ids
+                    for cluster in result["clusters"]:
+                        cluster["representatives"] = [int(keep[i]) for i in cluster["representatives"]]
                 store.put_artifact(digest, "clusters", params, result)
             decode = vocab.text if role != "embed.position" else (lambda i: f"position {i}")
             for cluster in result["clusters"]:
                 cluster["text"] = [decode(i) for i in cluster["representatives"]]
-            out[role] = {"name": entry.name, **result}
+                cluster["untrained"] = [i in untrained for i in cluster["representatives"]]
+            result = {**result, "untrained": {**untrained.summary(), "excluded": exclude_untrained}}
+            out[role] = {"name": entry.name, **result, "verdict": verdict(result)}
     return ClustersResult(out, src, anatomy)

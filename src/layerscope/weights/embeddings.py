@@ -24,6 +24,7 @@ from .cosine_kernel import BlockTotals, reduce_block
 from ..errors import LayerscopeError
 from ..sources import Source, open_source
 from .spectrum import resolve_device
+from .untrained import untrained_rows
 from ..store import Store
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -41,9 +42,12 @@ class GeometryOptions:
     top_hubs: int = 20
     sample: int | None = None  # estimate from this many random pairs instead of all of them
     seed: int = 0
+    exclude_untrained: bool = False  # leave out the rows ``untrained.RULE`` marks
 
     def key(self) -> str:
         fields = {k: v for k, v in self.__dict__.items() if k != "max_memory"}
+        if not self.exclude_untrained:  # results stored before the option existed stay valid
+            fields.pop("exclude_untrained")
         return json.dumps({**fields, "version": GEOMETRY_VERSION}, sort_keys=True)
 
 
@@ -220,8 +224,8 @@ def _sampled(xn: torch.Tensor, opts: GeometryOptions) -> dict[str, Any]:
             "percentiles": {f"p{q}": float(np.percentile(cos, q)) for q in PERCENTILES}}
 
 
-def nearest_neighbours(x: torch.Tensor, token_id: int, k: int = 10) -> list[tuple[int, float]]:
-    """The k rows most cosine-similar to row ``token_id`` (float64, in chunks)."""
+def nearest_neighbours(x: torch.Tensor, token_id: int, k: int = 10, exclude=None) -> list[tuple[int, float]]:
+    """The k rows most cosine-similar to row ``token_id`` (float64, in chunks), rows ``exclude`` left out."""
     norms, _ = _row_norms(x)
     target = x[token_id].to(torch.float64)
     cos = torch.empty(x.shape[0], dtype=torch.float64)
@@ -229,6 +233,8 @@ def nearest_neighbours(x: torch.Tensor, token_id: int, k: int = 10) -> list[tupl
         cos[s:s + CHUNK_ROWS] = x[s:s + CHUNK_ROWS].to(torch.float64) @ target
     cos /= norms.clamp_min(1e-300) * max(float(norms[token_id]), 1e-300)
     cos[token_id] = -math.inf
+    if exclude is not None and len(exclude):
+        cos[torch.as_tensor(np.asarray(exclude, dtype=np.int64))] = -math.inf
     top = torch.topk(cos, min(k, x.shape[0] - 1))
     return [(int(i), float(c)) for c, i in zip(top.values, top.indices)]
 
@@ -282,17 +288,26 @@ def embeddings(source: Any, config: Config | None = None, *, options: GeometryOp
             geometry = store.artifact(digest, "embeddings", options.key()) if config.cache else None
             if geometry is None and cached_only:
                 continue
+            untrained = untrained_rows(x, vocab)
+            keep = np.setdiff1d(np.arange(x.shape[0]), untrained.ids) if options.exclude_untrained else None
             if geometry is None:
                 cb = (lambda done, total, _n=entry.name: progress(_n, done, total)) if progress else None
-                geometry = cosine_geometry(x, options, config.device, cb)
+                geometry = cosine_geometry(x if keep is None else x[torch.from_numpy(keep)], options, config.device, cb)
                 geometry.pop("neighbor_counts", None)
                 geometry.pop("valid_rows", None)
+                if keep is not None:  # ids of the kept rows back to vocabulary ids
+                    for hub in geometry.get("threshold", {}).get("top_hubs", []):
+                        hub["id"] = int(keep[hub["id"]])
                 store.put_artifact(digest, "embeddings", options.key(), geometry)
-            geometry = {"name": entry.name, "role": entry.role, "content_hash": digest, **geometry}
+            geometry = {"name": entry.name, "role": entry.role, "content_hash": digest, **geometry,
+                        "untrained": {**untrained.summary(), "excluded": options.exclude_untrained}}
             for hub in geometry.get("threshold", {}).get("top_hubs", []):
                 hub["text"] = vocab.text(hub["id"])
+                hub["untrained"] = hub["id"] in untrained
             if token_ids:
-                geometry["nearest"] = {word: [{"id": i, "text": vocab.text(i), "cosine": c}
-                                              for i, c in nearest_neighbours(x, tid)] for word, tid in token_ids}
+                geometry["nearest"] = {
+                    word: [{"id": i, "text": vocab.text(i), "cosine": c, "untrained": i in untrained}
+                           for i, c in nearest_neighbours(x, tid, exclude=untrained.ids if keep is not None else None)]
+                    for word, tid in token_ids}
             out[entry.role] = geometry
     return EmbeddingsResult(out, src, anatomy)

@@ -278,15 +278,99 @@ def layer_heads(att: LayerAttention, n_heads: int | None = None, n_kv_heads: int
     return rows
 
 
+# -- categories: each against a null of random heads of the same shapes ----------------------------
+NULL_DRAWS = 64
+NULL_SDS = 4.0
+RANK_FLOOR = 0.10  # of head_dim
+COPY_FLOOR = 0.20  # copying score, whose range is [-1, 1]
+CATEGORY_RULE = (
+    "Head categories are made against a null: the same metric on {draws} seeded random heads of the same shapes "
+    "(Gaussian W_Q, W_K, W_V, W_O blocks of head_dim × d_model; the metrics used are scale-free, so matching the norms "
+    "changes nothing). Low-rank / high-rank QK: effective rank below / above the null mean by more than "
+    f"{NULL_SDS:g} null standard deviations and by at least {RANK_FLOOR:.0%} of head_dim (the most it can be). "
+    f"Copying / anti-copying OV: copying score above / below the null mean by more than {NULL_SDS:g} null standard "
+    f"deviations and by at least {COPY_FLOOR:g}."
+)
+
+
+@dataclass
+class HeadNull:
+    """The null distribution of the scale-free head metrics, for one (head_dim, d_model)."""
+
+    draws: int
+    qk_entropy_rank: tuple[float, float]  # mean, sd
+    ov_copying_score: tuple[float, float]
+
+
+def head_null(head_dim: int, d_model: int, draws: int = NULL_DRAWS, seed: int = 0) -> HeadNull:
+    """Metrics of ``draws`` random heads: L, R with iid Gaussian entries, shapes (head_dim, d_model)."""
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn(draws, head_dim, d_model, generator=g, dtype=torch.float64)
+    right = torch.randn(draws, head_dim, d_model, generator=g, dtype=torch.float64)
+    c = factored_circuit(left, right)
+    rows = [circuit_metrics(c, h) for h in range(draws)]
+    stat = lambda key: (float(np.mean([r[key] for r in rows])), float(np.std([r[key] for r in rows], ddof=1)))  # noqa: E731
+    return HeadNull(draws, stat("entropy_rank"), stat("copying_score"))
+
+
+@dataclass
+class HeadCategories:
+    null: HeadNull
+    head_dim: int
+    low_rank: list[tuple[int, int]]
+    high_rank: list[tuple[int, int]]
+    copying: list[tuple[int, int]]
+    anti_copying: list[tuple[int, int]]
+    rank_bounds: tuple[float, float]  # QK effective rank: low below, high above
+    copy_bounds: tuple[float, float]
+
+    @property
+    def rule(self) -> str:
+        return CATEGORY_RULE.format(draws=self.null.draws)
+
+    def items(self) -> list[tuple[str, list[tuple[int, int]], str]]:
+        """(category, heads, its bound in words) for each category."""
+        (lo, hi), (clo, chi) = self.rank_bounds, self.copy_bounds
+        return [("low-rank QK", self.low_rank, f"QK effective rank < {lo:.3g} of {self.head_dim}"),
+                ("high-rank QK", self.high_rank, f"QK effective rank > {hi:.3g} of {self.head_dim}"
+                 + (" (impossible: above head_dim)" if hi >= self.head_dim else "")),
+                ("copying OV", self.copying, f"OV copying score > {chi:.3g}"),
+                ("anti-copying OV", self.anti_copying, f"OV copying score < {clo:.3g}")]
+
+
+def categorise(table: pd.DataFrame, head_dim: int, d_model: int, seed: int = 0) -> HeadCategories:
+    """Heads whose QK rank or OV copying score is far from random heads' (see ``CATEGORY_RULE``)."""
+    null = head_null(head_dim, d_model, seed=seed)
+    mean, sd = null.qk_entropy_rank
+    margin = max(NULL_SDS * sd, RANK_FLOOR * head_dim)
+    cmean, csd = null.ov_copying_score
+    cmargin = max(NULL_SDS * csd, COPY_FLOOR)
+    rank_bounds, copy_bounds = (mean - margin, mean + margin), (cmean - cmargin, cmean + cmargin)
+    pick = lambda mask: [(int(r.layer), int(r.head)) for r in table[mask.fillna(False)].itertuples()]  # noqa: E731
+    ranks, copy = table["qk_entropy_rank"], table["ov_copying_score"]
+    return HeadCategories(null, head_dim, pick(ranks < rank_bounds[0]), pick(ranks > rank_bounds[1]),
+                          pick(copy > copy_bounds[1]), pick(copy < copy_bounds[0]), rank_bounds, copy_bounds)
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer} H{head}"
+
+
 @dataclass
 class HeadsResult:
     table: pd.DataFrame  # one row per (layer, head); *_top_eigs hold [re, im] pairs
     anatomy: Anatomy
     source: Source
-    low_rank: list[tuple[Any, int]]
-    high_rank: list[tuple[Any, int]]  # (layer, head); encoder-decoders: ("enc0" / "dec0" / "dec0x" cross, head)
-    thresholds: tuple[float, float]
+    categories: HeadCategories
     skipped: list[Skipped] = field(default_factory=list)  # layers without (readable) softmax attention, and why
+
+    @property
+    def low_rank(self) -> list[tuple[int, int]]:
+        return self.categories.low_rank
+
+    @property
+    def high_rank(self) -> list[tuple[int, int]]:
+        return self.categories.high_rank
 
     def save(self, path) -> None:
         from ..views import write_table
@@ -297,8 +381,7 @@ class HeadsResult:
             write_table(self.table.drop(columns=[c for c in self.table.columns if c.endswith("_top_eigs")]), path)
 
 
-def heads(source: Any, config: Config | None = None, *, low_pct: float = 25.0, high_pct: float = 75.0,
-          revision: str | None = None, progress: Callable[[int, int, str], None] | None = None,
+def heads(source: Any, config: Config | None = None, *, revision: str | None = None, progress: Callable[[int, int, str], None] | None = None,
           **overrides: Any) -> HeadsResult:
     """QK and OV circuit metrics of every head of every layer (see the module docstring)."""
     config = (config or Config()).replace(**overrides)
@@ -329,13 +412,5 @@ def heads(source: Any, config: Config | None = None, *, low_pct: float = 25.0, h
         raise LayerscopeError(f"{src.label}: no softmax-attention layer could be analysed ({len(skipped)} skipped; "
                               f"first: {first})")
     table = pd.DataFrame(rows)
-    ranks = table["qk_entropy_rank"]
-    lo, hi = float(np.nanpercentile(ranks, low_pct)), float(np.nanpercentile(ranks, high_pct))
-
-    def where(r) -> Any:
-        if not labelled:
-            return int(r.layer)
-        return f"{(r.stack or '')[:3]}{int(r.layer)}{'x' if r.attention == 'cross' else ''}"
-
-    pick = lambda mask: [(where(r), int(r.head)) for r in table[mask].itertuples()]  # noqa: E731
-    return HeadsResult(table, anatomy, src, pick(ranks <= lo), pick(ranks >= hi), (lo, hi), skipped)
+    d_model = int(d.d_model or att.q.shape[1])
+    return HeadsResult(table, anatomy, src, categorise(table, d.head_dim, d_model, config.seed), skipped)

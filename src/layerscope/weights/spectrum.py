@@ -75,6 +75,14 @@ class Spectrum:
             fits[thresh] = fit_powerlaw(self.evals, thresh)
         return fits[thresh]
 
+    def mp(self):
+        """The Marchenko–Pastur null fitted to this spectrum (see ``metrics.mp``), memoised."""
+        if "_mp" not in self.__dict__:
+            from .metrics.mp import fit_mp
+
+            self.__dict__["_mp"] = fit_mp(self.evals, self.shape)
+        return self.__dict__["_mp"]
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
