@@ -11,8 +11,10 @@ import torch
 import checkpoints
 import layerscope
 from layerscope.cli import main
+from layerscope.weights import cosine_kernel
 from layerscope.weights.embeddings import GeometryOptions, cosine_geometry
 from layerscope.sources import open_source
+from conftest import require
 
 SUBSET = 2500
 
@@ -39,6 +41,9 @@ def direct(x: torch.Tensor, opts: GeometryOptions):
 
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_streamed_geometry_equals_direct_float64(minilm_embedding, use_numba):
+    if use_numba:  # the numba case must run the numba kernel, not silently fall back to torch
+        require("numba")
+        assert cosine_kernel.HAVE_NUMBA
     x = minilm_embedding[:SUBSET]
     opts = GeometryOptions(precision="float64", max_memory=4 << 20)  # forces many blocks
     got = cosine_geometry(x, opts, use_numba=use_numba)
