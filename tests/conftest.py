@@ -21,6 +21,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import checkpoints  # noqa: E402
 
+REQUIRED = os.environ.get("LAYERSCOPE_REQUIRE_DEPS") == "1"  # set by scripts/test.sh, hence CI
+
+
+def require(module: str):
+    """Import a test dependency. Outside the test command a missing one skips; under
+    LAYERSCOPE_REQUIRE_DEPS=1 (scripts/test.sh, CI) it fails, so a claim cannot go untested
+    because an install step silently broke."""
+    if REQUIRED:
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            pytest.fail(f"required test dependency {module!r} is missing: {exc} (scripts/setup.sh installs it)")
+    return pytest.importorskip(module)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _hf_offline():

@@ -12,6 +12,7 @@ import checkpoints
 import layerscope
 from reference import reference_metrics, reference_stats, ww_alpha_loop
 from layerscope.sources import open_source
+from conftest import require
 
 INTEGER = {"numerical_rank", "energy_rank_90", "energy_rank_98", "energy_rank_99"}
 RTOL = 1e-4
@@ -91,7 +92,7 @@ def test_float32_mode_keeps_large_singular_values(tmp_path):
 
 
 def test_alpha_matches_weightwatcher_code_when_installed():
-    ww_powerlaw = pytest.importorskip("weightwatcher.WW_powerlaw")
+    ww_powerlaw = require("weightwatcher.WW_powerlaw")
     rng = np.random.default_rng(3)
     for shape in ((200, 100), (384, 384), (1000, 64), (30, 12)):  # (30, 12): the small-n variant
         w = rng.standard_t(df=3, size=shape)  # heavy-tailed entries give a heavy-tailed ESD

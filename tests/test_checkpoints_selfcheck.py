@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import checkpoints as C
+from conftest import require
 
-safetensors_torch = pytest.importorskip("safetensors.torch")
-transformers = pytest.importorskip("transformers")
+safetensors_torch = require("safetensors.torch")
+transformers = require("transformers")
 
 
 def _weight_files(d, fmt):

@@ -263,3 +263,26 @@ def test_compare_and_run_bad_input_is_one_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)
+
+
+def test_spectral_deltas_of_two_different_checkpoints_are_b_minus_a(tmp_path):
+    """delta_<metric> on two different models: the sign (B − A) and the row match are checked against
+    each model's own analysis, and the stable rank against a direct float64 SVD of both matrices."""
+    a = checkpoints.build_hf("llama", tmp_path / "a", seed=1)
+    b = checkpoints.build_hf("llama", tmp_path / "b", seed=2)
+    store = str(tmp_path / "s.sqlite")
+    result = layerscope.compare(a, b, store=store)
+    own_a = layerscope.analyze(a, store=store).table.set_index("name")
+    own_b = layerscope.analyze(b, store=store).table.set_index("name")
+    t = result.table.set_index("name")
+    matrices = [n for n in t.index if own_a.loc[n, "stable_rank"] == own_a.loc[n, "stable_rank"]]  # non-NaN: matrices
+    assert len(matrices) >= 14
+    for name in matrices:
+        for metric in ("stable_rank", "entropy_rank", "alpha", "spectral_norm"):
+            expected = own_b.loc[name, metric] - own_a.loc[name, metric]
+            assert t.loc[name, f"delta_{metric}"] == pytest.approx(expected, rel=1e-9, abs=1e-12), (name, metric)
+        sa = np.linalg.svd(layerscope.open_source(a).load(name).double().numpy(), compute_uv=False)
+        sb = np.linalg.svd(layerscope.open_source(b).load(name).double().numpy(), compute_uv=False)
+        direct = (sb**2).sum() / sb[0] ** 2 - (sa**2).sum() / sa[0] ** 2
+        assert t.loc[name, "delta_stable_rank"] == pytest.approx(direct, rel=1e-6, abs=1e-9)
+    assert (t.loc[matrices, "delta_stable_rank"] != 0).all()  # different seeds: a formula giving 0 fails

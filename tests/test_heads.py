@@ -98,10 +98,21 @@ def test_gqa_and_fused_layouts_match_direct_computation(tmp_path, arch):
         check_layer(t, layer, wq, wk, wv, wo, nh, nkv, hd, heads_to_check=range(nh))
 
 
-def test_heads_are_cached(tmp_path):
+def test_heads_are_cached(tmp_path, monkeypatch):
+    import layerscope.weights.heads as heads_module
+
     store = str(tmp_path / "s.sqlite")
+    real, calls = heads_module.layer_heads, []
+
+    def counted(*args, **kwargs):  # a spy: the real computation, counted
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heads_module, "layer_heads", counted)
     first = layerscope.heads(checkpoints.minilm_dir(), store=store)
+    assert len(calls) == 6  # one computation per layer the first time
     second = layerscope.heads(checkpoints.minilm_dir(), store=store)
+    assert len(calls) == 6  # ... and none the second time: every layer came from the store
     assert first.table.drop(columns=["qk_top_eigs", "ov_top_eigs"]).equals(
         second.table.drop(columns=["qk_top_eigs", "ov_top_eigs"]))
 

@@ -19,6 +19,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.weights.metrics import registry
 from layerscope.monitor import ConsoleSink, JSONLSink, StoreSink, TensorBoardSink, load_run
 from nanogpt_model import GPT, GPTConfig
+from conftest import require
 
 MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=64, dropout=0.0)
 
@@ -256,7 +257,7 @@ def test_hf_trainer_callback_in_a_real_trainer(tmp_path):
 
 
 def test_lightning_callback_in_a_real_trainer(tmp_path):
-    lightning = pytest.importorskip("lightning")
+    lightning = require("lightning")
     from layerscope.monitor.lightning import LayerscopeLightningCallback
 
     class Module(lightning.LightningModule):
@@ -282,7 +283,7 @@ def test_lightning_callback_in_a_real_trainer(tmp_path):
 
 
 def test_wandb_sink_logs_against_the_training_step(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = require("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = wandb.init(project="layerscope-test", dir=str(tmp_path), mode="offline")
