@@ -11,6 +11,11 @@ differentiates with respect to them.
 
 On CUDA out-of-memory the micro-batch is halved and the batch retried; ``micro_batch`` records what
 was used (it changes the memory, never the result).
+
+When the data is a single micro-batch, the first-order graph (∇L with ``create_graph``) is built once
+and kept, so each further product is one backward through it (what PyHessian does for one batch);
+with several batches it is rebuilt per batch per product, since keeping every batch's graph would
+cost memory proportional to the data.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class HessianOperator:
         self.hvps = 0
         self.gradients = 0
         self.on_hvp = on_hvp
+        self._graph: tuple[torch.Tensor, ...] | None = None  # kept ∇L of a single-piece objective
 
     # -- flat <-> per-parameter ----------------------------------------------------------------
     def split(self, v: torch.Tensor) -> list[torch.Tensor]:
@@ -85,6 +91,21 @@ class HessianOperator:
     def matvec_tensor(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat torch vector (on the operator's device, in its dtype)."""
         vs = self.split(v.to(self.device))
+        obj = self.objective
+        if obj.n_batches == 1 and len(obj.pieces(0)) == 1:
+            try:
+                with torch.enable_grad():
+                    if self._graph is None:
+                        self._graph = torch.autograd.grad(obj.term(*obj.pieces(0)[0]), self.params, create_graph=True)
+                    out = self.flat(torch.autograd.grad(self._graph, self.params, grad_outputs=vs, retain_graph=True))
+                self.hvps += 1
+                if self.on_hvp:
+                    self.on_hvp()
+                return out
+            except torch.cuda.OutOfMemoryError:
+                self._graph = None  # too big to keep: split the batch and recompute per product
+                obj.micro_batch = max(1, _rows_of(obj, 0) // 2)
+                torch.cuda.empty_cache()
 
         def hvp(loss: torch.Tensor) -> list[torch.Tensor]:
             grads = torch.autograd.grad(loss, self.params, create_graph=True)

@@ -34,17 +34,30 @@ import torch
 class LanczosRun:
     alpha: list[float] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)  # beta[j] couples q_j and q_{j+1}
-    basis: list[torch.Tensor] = field(default_factory=list)
+    storage: torch.Tensor | None = None  # (max steps, n), preallocated once: no copy of the basis per step
     exhausted: bool = False
 
+    @property
+    def basis(self) -> torch.Tensor:
+        """The Lanczos vectors so far, as rows."""
+        return self.storage[: len(self.alpha)]
 
-def _orthogonalise(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    if not basis:
-        return w
-    q = torch.stack(basis)  # (j, n)
-    for _ in range(2):  # twice is enough (Kahan/Parlett)
+
+def _orthogonalise(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    for _ in range(2):  # classical Gram-Schmidt twice is enough (Kahan/Parlett "twice is enough")
         w = w - q.T @ (q @ w)
     return w
+
+
+def basis_device(n: int, steps: int, dtype: torch.dtype, device: torch.device | str) -> torch.device:
+    """Where the Krylov basis (steps × n numbers) lives: on the device when it fits in half of the free
+    device memory, else on the host (the orthogonalisation then runs there too)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    need = steps * n * torch.empty((), dtype=dtype).element_size()
+    return device if need < free // 2 else torch.device("cpu")
 
 
 def lanczos_steps(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, max_iter: int,
@@ -54,13 +67,13 @@ def lanczos_steps(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tens
     store = keep_basis_on or v0.device
     q = v0 / torch.linalg.vector_norm(v0)
     n = v0.numel()
+    run.storage = torch.empty(min(max_iter, n), n, dtype=v0.dtype, device=store)
     for j in range(min(max_iter, n)):
-        run.basis.append(q.to(store))
+        run.storage[j] = q.to(store)
         w = matvec(q)
         a = float(torch.dot(w, q))
         run.alpha.append(a)
-        basis = [b.to(w.device) for b in run.basis] if store != w.device else run.basis
-        w = _orthogonalise(w, basis)
+        w = _orthogonalise(w.to(store), run.basis).to(q.device)
         b = float(torch.linalg.vector_norm(w))
         scale = max(abs(a), max((abs(x) for x in run.alpha), default=0.0), 1e-300)
         if b <= 1e-10 * scale or j == n - 1:
@@ -126,7 +139,7 @@ def extreme_eigenpairs(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k
             on_step(m, done)
         return done
 
-    run = lanczos_steps(matvec, v0, max_iter, check)
+    run = lanczos_steps(matvec, v0, max_iter, check, keep_basis_on=basis_device(n, max_iter, dtype, device))
     vals, vecs, res, order = state["vals"], state["vecs"], state["res"], state["order"]
     top_idx = order[:k]
     scale = max(np.abs(vals).max(), 1e-300)
@@ -137,9 +150,9 @@ def extreme_eigenpairs(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k
                       iterations=len(run.alpha), converged=run.exhausted or bool(np.all(res[want] <= tol * scale)),
                       exhausted=run.exhausted)
     if vectors:
-        q = torch.stack([b.to(device) for b in run.basis])  # (m, n)
-        s = torch.from_numpy(vecs[:, top_idx].T.copy()).to(device=device, dtype=q.dtype)
-        out.vectors = s @ q
+        q = run.basis  # (m, n)
+        s = torch.from_numpy(vecs[:, top_idx].T.copy()).to(device=q.device, dtype=q.dtype)
+        out.vectors = (s @ q).to(device)
     return out
 
 
@@ -187,7 +200,7 @@ def slq(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, runs: int = 4
                 on_step()
             return False
 
-        run = lanczos_steps(matvec, v, steps, tick)
+        run = lanczos_steps(matvec, v, steps, tick, keep_basis_on=basis_device(n, steps, dtype, device))
         vals, vecs = ritz(run)
         w = vecs[0, :] ** 2
         nodes.append(vals)
