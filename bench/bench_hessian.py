@@ -78,7 +78,8 @@ def sync(device):
 
 def bench(ckpt: Path, device: str, batch_size: int, seq_len: int, k: int = 5) -> dict:
     import pyhessian
-    import pyhessian.hessian as ph
+
+    ph = sys.modules["pyhessian.hessian"]  # the module (the package re-exports the class under the same name)
 
     model = load_model(ckpt, device=device)
     data = load_data(model, None, seq_len=seq_len, batches=1, batch_size=batch_size, seed=0)

@@ -212,6 +212,7 @@ def hessian_probe(objective: Objective, options: HessianOptions | None = None, *
         counter.finish_part(options.density_runs * options.density_steps)
 
     # 4. blocks: top eigenvalue of H_BB
+    op._graph = None  # free the whole-model graph (if one was kept) before the blocks build theirs
     rows = []
     for (kind, block), names in groups.items():
         stored_b, text = cached(f"hessian.block:{kind}:{block}", {**options.part("block"), "names": names})
