@@ -61,7 +61,8 @@ def test_nanogpt_mapped_onto_gpt2_gives_nanogpts_logits(trained_run):
     assert model.kind == "causal" and model.anatomy.family == "gpt2"
     # bias=False in train_gpt: GPT-2's biases are zero constants, not probe parameters
     assert model.constants and all(n.endswith(".bias") for n in model.constants)
-    assert all(float(c.abs().max()) == 0.0 for c in model.constants.values())
+    assert all(float(c.abs().max()) == 0.0 and not c.requires_grad for c in model.constants.values())
+    assert [n for n, p in model.module.named_parameters() if p.requires_grad] == list(model.params)
     assert model.parameter_count == sum(p.numel() for p in ref.parameters())
     x = torch.randint(0, 256, (3, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -427,10 +427,11 @@ def _nanogpt(source: Source, device: torch.device, dtype: torch.dtype) -> Runnab
         raise LayerscopeError(f"nanoGPT checkpoint: missing {missing.missing_keys[:3]}")
     module.tie_weights()
     module.to(device=device, dtype=dtype).eval()
+    for n, p in module.named_parameters():
+        if n in absent:  # not in the model being probed: frozen, so no probe (nor PyHessian) differentiates them
+            p.requires_grad_(False)
     params = {n: p for n, p in module.named_parameters() if n not in absent}
-    constants = {n: p.detach() for n, p in module.named_parameters() if n in absent}
-    for p in constants.values():
-        p.requires_grad_(False)
+    constants = {n: p for n, p in module.named_parameters() if n in absent}
     anatomy = _module_anatomy(module, params, config.to_dict())
     return RunnableModel(module=module, kind="causal", params=params, anatomy=anatomy,
                          checkpoint_names={n: n for n in params}, weights_hash="", label=source.label, device=device,
