@@ -102,3 +102,15 @@ def test_run_has_a_probe_stage_or_says_why_not(trained_run, tmp_path, monkeypatc
     notes: list[str] = []
     assert run_module.run_probe(checkpoints.minilm_dir(), None, layerscope.Config(), None, notes, lambda *a: None) is None
     assert len(notes) == 1 and "probe: skipped" in notes[0] and "language-model head" in notes[0]
+
+
+def test_custom_loss_is_part_of_the_store_key(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    config = layerscope.Config(store=str(tmp_path / "s.sqlite"))
+    plain = layerscope.probe(net, [(X, y)], loss_fn=torch.nn.CrossEntropyLoss(), config=config)
+    smooth = layerscope.probe(net, [(X, y)], loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=0.3), config=config)
+    with torch.no_grad():
+        assert smooth.loss.loss == pytest.approx(float(torch.nn.functional.cross_entropy(net(X), y, label_smoothing=0.3)))
+    assert plain.loss.loss != smooth.loss.loss

@@ -74,6 +74,20 @@ class ProbeResult:
         return path
 
 
+def _loss_identity(loss_fn: Callable) -> str:
+    """A stable name for a user's loss function: its class or qualified name and its repr."""
+    import hashlib
+
+    code = getattr(loss_fn, "__code__", None)
+    if code is not None:  # a function: its name and its bytecode and constants (its repr holds an address)
+        text = f"{loss_fn.__module__}.{loss_fn.__qualname__}|{code.co_code.hex()}|{code.co_consts!r}"
+    else:  # a loss module or callable object: its class and its plain settings (label_smoothing, reduction...)
+        settings = {k: v for k, v in sorted(vars(loss_fn).items())
+                    if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+        text = f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}|{settings!r}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
@@ -115,6 +129,8 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
                                batch_size=batch_size, seed=seed)
         objective = Objective(runnable, probe_data)
         key = f"{runnable.weights_hash}:{probe_data.hash}"
+        if runnable.loss_fn is not None:  # a custom loss is part of what is probed
+            key += ":" + _loss_identity(runnable.loss_fn)
         dtype_tag = json.dumps({"dtype": str(runnable.dtype).removeprefix("torch.")})
         stored = store.artifact(key, "loss", dtype_tag) if config.cache else None
         if stored is None:
