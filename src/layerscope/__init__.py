@@ -41,6 +41,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "trajectory": (".change.trajectory", "trajectory"),
     "report": (".report", None),  # modules: layerscope.report.report(...), layerscope.run.run(...)
     "run": (".run", None),
+    "probe": (".probes.probe", "probe"),
+    "ProbeResult": (".probes.probe", "ProbeResult"),
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -70,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .errors import LayerscopeError
     from .monitor import Monitor
     from .pipeline import AnalysisResult, analyze, inspect
+    from .probes.probe import ProbeResult, probe
     from .sources import open_source
     from .weights.clusters import ClustersResult, clusters
     from .weights.embeddings import EmbeddingsResult, GeometryOptions, embeddings
