@@ -155,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", help="folder for the density and per-layer curvature figures")
     _add_store(pr)
 
+    ac = sub.add_parser("activations", help="what the model does on text: head behaviour, logit lens, CKA, neurons")
+    _add_common(ac)
+    ac.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or a datasets folder (default: the "
+                                   "Python reference's help topics)")
+    ac.add_argument("--text-field", help="field/column holding the text (default text)")
+    ac.add_argument("--seq-len", type=int, help="tokens per window (default min(128, the model's positions))")
+    ac.add_argument("--batches", type=int, default=4, help="batches (default 4)")
+    ac.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    ac.add_argument("--seed", type=int, help="seed for the windows, the CKA sample and the random tokens (default 0)")
+    ac.add_argument("--device", help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
+    ac.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+    ac.add_argument("--other", help="a second checkpoint (same architecture and tokenizer): per-layer CKA with it")
+    ac.add_argument("--cka-tokens", type=int, default=512, help="token positions sampled for CKA (default 512)")
+    ac.add_argument("--neuron-threshold", type=float, default=0.0, help="a neuron is active when its activation > this (default 0)")
+    ac.add_argument("--out", help="write everything as JSON")
+    ac.add_argument("--plot", help="folder for head-behaviour heatmaps, the lens and CKA figures")
+    _add_store(ac)
+
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
     return parser
@@ -416,6 +434,31 @@ def cmd_probe(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_activations(args: argparse.Namespace, console: Console) -> int:
+    from .probes.activations import ActivationOptions, activations, print_activations
+
+    config = _config(args)
+    if args.out and not args.out.lower().endswith(".json"):
+        raise LayerscopeError(f"--out must be a .json file, got {args.out}")
+    if args.cka_tokens < 4:
+        raise LayerscopeError("--cka-tokens must be at least 4")
+    options = ActivationOptions(cka_tokens=args.cka_tokens, neuron_threshold=args.neuron_threshold, seed=config.seed)
+    with ProgressDisplay("activations") as progress:
+        result = activations(args.path, args.data, other=args.other, text_field=args.text_field, seq_len=args.seq_len,
+                             batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
+                             dtype=args.dtype, config=config, revision=args.revision, options=options,
+                             progress=progress.update)
+    print_activations(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        from .probes.activation_figures import activation_figures
+
+        paths = activation_figures(result, args.plot)
+        console.print(f"wrote {len(paths)} figures to {args.plot}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -433,6 +476,7 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
             "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe,
+            "activations": cmd_activations,
             "metrics": cmd_metrics}
 
 
