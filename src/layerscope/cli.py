@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(rn)
     rn.add_argument("--out", default="layerscope-out", help="output folder (default layerscope-out)")
     rn.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters, probe")
+    rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters, probe, activations")
     _add_store(rn)
 
     pr = sub.add_parser("probe", help="run the model on data: loss, and Hessian curvature with --hessian")
@@ -392,9 +392,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .run import run
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"embeddings", "clusters", "probe"}
+    unknown = skip - {"embeddings", "clusters", "probe", "activations"}
     if unknown:
-        raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters, probe)")
+        raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} "
+                              "(known: embeddings, clusters, probe, activations)")
     result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
     console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all: {stages})")

@@ -268,12 +268,12 @@ class Collector:
 
 
 def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int, bos: int | None,
-                   exclude: tuple[int, ...]) -> tuple[np.ndarray, dict, dict]:
+                   exclude: tuple[int, ...], pool: torch.Tensor | None = None) -> tuple[np.ndarray, dict, dict]:
     """Per (layer, head) induction score on random tokens repeated twice, the in-context-learning loss
     drop (causal LMs), and the random sequences' layout."""
     offset = 1 if bos is not None else 0
     half = max(2, min(options.induction_half, ((model.max_positions or 2 * options.induction_half + 1) - offset) // 2))
-    ids = repeated_random_tokens(vocab, half, options.induction_seqs, options.seed, bos, exclude).to(model.device)
+    ids = repeated_random_tokens(vocab, half, options.induction_seqs, options.seed, bos, exclude, pool).to(model.device)
     with torch.no_grad():
         out = model.module(input_ids=ids, output_attentions=True)
     scores = np.stack([induction_stripe(a, half, offset).mean(0).cpu().numpy() for a in out.attentions])
@@ -358,7 +358,8 @@ def _compute(model: RunnableModel, data: ProbeData, options: ActivationOptions, 
         # <|endoftext|>, which TransformerLens prepends too); byte-level models: none
         bos = tok.cls_id if model.kind != "causal" else tok.eos_id
     vocab = model.vocab_size or int(data.input_ids.max()) + 1
-    ind, icl, layout = induction_pass(model, options, vocab, bos, tuple(tok.special_ids) if tok else ())
+    ind, icl, layout = induction_pass(model, options, vocab, bos, tuple(tok.special_ids) if tok else (),
+                                      torch.unique(data.input_ids))
     heads["induction"] = [float(ind[int(r.layer), int(r.head)]) for r in heads.itertuples()]
     lens = None
     summary: dict[str, Any] = {"causal_attention": col.causal, "induction_layout": layout, **icl,

@@ -86,11 +86,16 @@ class HeadAccumulator:
 
 # -- random tokens repeated twice ------------------------------------------------------------------
 def repeated_random_tokens(vocab_size: int, half: int, n_seqs: int, seed: int, bos: int | None = None,
-                           exclude: tuple[int, ...] = ()) -> torch.Tensor:
+                           exclude: tuple[int, ...] = (), pool: torch.Tensor | None = None) -> torch.Tensor:
     """(n_seqs, [1 +] 2·half) token ids: BOS (when the tokenizer has one), then r, r with r uniform
-    over the vocabulary minus special tokens."""
+    over ``pool`` (the distinct tokens of the data: tokens the model never saw in training, such as
+    GPT-2's unused ones, would measure the embedding of noise) or the vocabulary, minus special tokens."""
     gen = torch.Generator().manual_seed(seed)
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    if pool is not None and len(pool):
+        allowed[pool[(pool >= 0) & (pool < vocab_size)]] = True
+    else:
+        allowed[:] = True
     for t in exclude:
         if 0 <= t < vocab_size:
             allowed[t] = False
