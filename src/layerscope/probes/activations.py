@@ -30,7 +30,7 @@ import torch
 from ..config import Config
 from ..errors import LayerscopeError
 from .data import IGNORE, ProbeData, load_data, load_tokenizer, make_batches, token_hash
-from .head_behaviour import (SINK_EPS, HeadAccumulator, icl_loss_drop, induction_stripe, repeated_random_tokens,
+from .head_behaviour import (SINK_EPS, HeadAccumulator, detection_patterns, icl_loss_drop, induction_stripe, repeated_random_tokens,
                              sequence_scores)
 from .lens import LensAccumulator, find_lens
 from .model import RunnableModel, load_model
@@ -234,8 +234,9 @@ class Collector:
         dev_ids = ids.to(self.model.device)
         if self.causal is None:
             self.causal = bool((out.attentions[0][:, :, 0, 1:] == 0).all())
+        patterns = detection_patterns(dev_ids)  # once per batch, shared by every layer
         for layer, att in enumerate(out.attentions):
-            self.heads.add(layer, sequence_scores(att, dev_ids, eps=self.options.sink_eps))
+            self.heads.add(layer, sequence_scores(att, dev_ids, patterns, eps=self.options.sink_eps))
         self.heads.sequences += ids.shape[0]
         hs = out.hidden_states
         states = [hs[0]] + [self.block_out[i] for i in range(len(self.block_out))] if self.block_out else list(hs)

@@ -35,11 +35,14 @@ class RepresentationAccumulator:
     sample: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def add(self, layer: int, states: torch.Tensor, picked: torch.Tensor | None) -> None:
-        x = states.reshape(-1, states.shape[-1]).to(torch.float64)
+        # one batch's sums in the states' precision (float32: relative error ~1e-7 over a batch),
+        # accumulated across batches in float64
+        x = states.reshape(-1, states.shape[-1])
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         norms = x.norm(dim=-1)
-        self.norm_sum[layer] = self.norm_sum.get(layer, 0.0) + float(norms.sum())
-        unit = (x / norms.clamp_min(1e-30)[:, None]).sum(0)
-        s1, s2 = x.sum(0), x.T @ x
+        self.norm_sum[layer] = self.norm_sum.get(layer, 0.0) + float(norms.double().sum())
+        unit = (x / norms.clamp_min(1e-30)[:, None]).sum(0).double()
+        s1, s2 = x.sum(0).double(), (x.T @ x).double()
         if layer in self.first:
             self.unit_sum[layer] += unit
             self.first[layer] += s1
@@ -79,14 +82,15 @@ def effective_rank(cov: torch.Tensor) -> float:
 
 # -- debiased linear CKA ----------------------------------------------------------------------------
 def _center(x: torch.Tensor) -> torch.Tensor:
-    x = x.to(torch.float64)
+    """Centred features, in float64 when given float64 (else float32; the Gram is upcast after)."""
+    x = x if x.dtype == torch.float64 else x.float()
     return x - x.mean(0, keepdim=True)
 
 
 def _unbiased_centered_gram(x: torch.Tensor) -> torch.Tensor:
     """Gram matrix with the U-statistic centring (Kornblith's ``center_gram(unbiased=True)``)."""
     n = x.shape[0]
-    g = x @ x.T
+    g = (x @ x.T).to(torch.float64)
     g.fill_diagonal_(0)
     means = g.sum(0) / (n - 2)
     means = means - means.sum() / (2 * (n - 1))
@@ -108,9 +112,11 @@ def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None, met
     n = xs[0].shape[0]
     if n < 4:
         raise ValueError("debiased CKA needs at least 4 samples")
-    width = max(t.shape[1] for t in xs + ys)
-    if method == "auto":
-        method = "gram" if n < width else "features"
+    if method == "auto":  # the cheaper in multiply-adds: Grams per layer + pair products, or pair cross-products
+        pairs = len(xs) * len(ys) if not same else len(xs) * (len(xs) + 1) // 2
+        gram = sum(t.shape[1] for t in (xs if same else xs + ys)) * n * n + pairs * n * n
+        feats = pairs * n * max(t.shape[1] for t in xs + ys) ** 2
+        method = "gram" if gram <= feats else "features"
     out = np.full((len(xs), len(ys)), np.nan)
     if method == "gram":
         gx = [_unbiased_centered_gram(_center(x)) for x in xs]
@@ -124,8 +130,8 @@ def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None, met
                     continue
                 out[i, j] = float((a * b).sum()) / (nx[i] * ny[j]) if nx[i] > 0 and ny[j] > 0 else math.nan
         return out
-    cx = [_center(x) for x in xs]
-    cy = cx if same else [_center(y) for y in ys]
+    cx = [_center(x).to(torch.float64) for x in xs]
+    cy = cx if same else [_center(y).to(torch.float64) for y in ys]
     rx = [(c * c).sum(1) for c in cx]
     ry = rx if same else [(c * c).sum(1) for c in cy]
     selfx = [float(_debiased_dot((c.T @ c).square().sum(), r, r, n)) for c, r in zip(cx, rx)]
