@@ -43,6 +43,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "run": (".run", None),
     "probe": (".probes.probe", "probe"),
     "ProbeResult": (".probes.probe", "ProbeResult"),
+    "activations": (".probes.activations", "activations"),
+    "ActivationsResult": (".probes.activations", "ActivationsResult"),
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .errors import LayerscopeError
     from .monitor import Monitor
     from .pipeline import AnalysisResult, analyze, inspect
+    from .probes.activations import ActivationsResult, activations
     from .probes.probe import ProbeResult, probe
     from .sources import open_source
     from .weights.clusters import ClustersResult, clusters

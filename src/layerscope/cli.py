@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(rn)
     rn.add_argument("--out", type=output_folder, default="layerscope-out", help="output folder (default layerscope-out)")
     rn.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
-    rn.add_argument("--skip", type=comma_list(("embeddings", "clusters", "probe")), default="",
-                    help="comma-separated stages to leave out: embeddings, clusters, probe")
+    rn.add_argument("--skip", type=comma_list(("embeddings", "clusters", "probe", "activations")), default="",
+                    help="comma-separated stages to leave out: embeddings, clusters, probe, activations")
     rn.add_argument("--exclude-untrained", action="store_true", help=UNTRAINED_HELP)
     _add_store(rn)
     _add_cluster(rn)
@@ -190,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=output_file(".json"), help="write everything as JSON")
     pr.add_argument("--plot", type=output_folder, help="folder for the density and per-layer curvature figures")
     _add_store(pr)
+
+    ac = sub.add_parser("activations", help="what the model does on text: head behaviour, logit lens, CKA, neurons")
+    _add_common(ac)
+    ac.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or a datasets folder (default: the "
+                                   "Python reference's help topics)")
+    ac.add_argument("--text-field", help="field/column holding the text (default text)")
+    ac.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
+    ac.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
+    ac.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
+    ac.add_argument("--seed", type=int, help="seed for the windows, the CKA sample and the random tokens (default 0)")
+    ac.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
+    ac.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+    ac.add_argument("--other", type=checkpoint, help="a second checkpoint (same architecture and tokenizer): per-layer CKA with it")
+    ac.add_argument("--cka-tokens", type=int_at_least(4), default=512, help="token positions sampled for CKA (default 512)")
+    ac.add_argument("--neuron-threshold", type=float, default=0.0, help="a neuron is active when its activation > this (default 0)")
+    ac.add_argument("--out", type=output_file(".json"), help="write everything as JSON")
+    ac.add_argument("--plot", type=output_folder, help="folder for head-behaviour heatmaps, the lens and CKA figures")
+    _add_store(ac)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", type=existing_file, help="config file (energy levels change the metric names)")
@@ -495,6 +513,28 @@ def cmd_probe(args: argparse.Namespace, console: "Console") -> int:
     return 0
 
 
+def cmd_activations(args: argparse.Namespace, console: "Console") -> int:
+    from .probes.activations import ActivationOptions, activations, print_activations
+    from .views import ProgressDisplay
+
+    config = _config(args)
+    options = ActivationOptions(cka_tokens=args.cka_tokens, neuron_threshold=args.neuron_threshold, seed=config.seed)
+    with ProgressDisplay("activations") as progress:
+        result = activations(args.path, args.data, other=args.other, text_field=args.text_field, seq_len=args.seq_len,
+                             batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
+                             dtype=args.dtype, config=config, revision=args.revision, options=options,
+                             progress=progress.update)
+    print_activations(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        from .probes.activation_figures import activation_figures
+
+        paths = activation_figures(result, args.plot)
+        console.print(f"wrote {len(paths)} figures to {args.plot}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace, console: "Console") -> int:
     from rich.table import Table
 
@@ -512,6 +552,7 @@ def cmd_metrics(args: argparse.Namespace, console: "Console") -> int:
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
             "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe,
+            "activations": cmd_activations,
             "metrics": cmd_metrics}
 
 

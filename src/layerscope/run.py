@@ -17,7 +17,7 @@ from .config import Config
 from .report import Report, collect, report
 from .views import ProgressDisplay
 
-STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters", "probe")
+STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters", "probe", "activations")
 
 #: The probe stage's budget: a quick look at curvature (``layerscope probe --hessian`` goes further).
 RUN_PROBE = dict(batches=2, batch_size=4, hessian=dict(top_k=5, max_iter=60, trace_min=10, trace_max=30,
@@ -62,6 +62,10 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
         if "probe" not in skip:
             data.probe = run_probe(path, source, config, revision, data.notes,
                                    lambda name, done, total: update("probe", done, total))
+        if "activations" not in skip:
+            update("activations", 0, 1)
+            data.activations = run_activations(path, config, revision, data.notes,
+                                               lambda name, done, total: update("activations", done, total))
         update("report", 0, 1)
         out.mkdir(parents=True, exist_ok=True)
         data.analysis.save(out / "analysis.csv")
@@ -73,6 +77,8 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
             data.clusters.save(out / "clusters.json")
         if data.probe is not None:
             data.probe.save(out / "probe.json")
+        if data.activations is not None:
+            data.activations.save(out / "activations.json")
         result = report([], config, out=out / "report.html", markdown=out / "report.md", models=[data])
         update("report", 1, 1)
         display.update("all stages", len(stages), len(stages))
@@ -93,4 +99,16 @@ def run_probe(path: Any, source: Any, config: Config, revision: str | None, note
         return probe(path, None, config=config, revision=revision, progress=progress, **RUN_PROBE)
     except LayerscopeError as exc:
         notes.append(f"probe: skipped: {exc}")
+        return None
+
+
+def run_activations(path: Any, config: Config, revision: str | None, notes: list[str], progress) -> Any:
+    """The activations stage (head behaviour, lens, CKA, neurons on 2 × 4 windows), or the reason it was skipped."""
+    from .errors import LayerscopeError
+    from .probes.activations import activations
+
+    try:
+        return activations(path, None, config=config, revision=revision, batches=2, batch_size=4, progress=progress)
+    except LayerscopeError as exc:
+        notes.append(f"activations: skipped: {exc}")
         return None

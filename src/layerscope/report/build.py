@@ -35,6 +35,7 @@ class ModelData:
     clusters: Any = None  # ClustersResult
     notes: list[str] = field(default_factory=list)
     probe: Any = None  # probes.ProbeResult (the model run on data), when it was run
+    activations: Any = None  # probes.activations.ActivationsResult, when it was run
 
     @property
     def table(self) -> pd.DataFrame:
@@ -242,6 +243,10 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
         suffix = f" — {m.label}" if many else ""
         if m.heads is not None:
             sections.append(_heads_section(m, figures, suffix))
+        if m.activations is not None:  # behaviour on text, next to the weight-based head maps
+            from .activations import activations_section
+
+            sections.append(activations_section(m, figures, suffix))
         if m.mlp is not None and len(m.mlp):
             curves = [(f"layer {int(r.layer)}", np.asarray(r.explained_variance)) for r in m.mlp.itertuples()]
             path = plots.explained_variance_curves(curves, figures / _slug(m.label))
