@@ -77,8 +77,8 @@ class FisherOptions:
             raise LayerscopeError(f"--fisher-samples must be a positive integer, got {self.samples!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise LayerscopeError(f"--fisher-top-k must be a non-negative integer, got {self.top_k!r}")
-        if self.memory < 1 << 20 or self.gram_memory < 1 << 20:
-            raise LayerscopeError("Fisher memory budgets must be at least 1MB")
+        if self.memory < 1 << 10 or self.gram_memory < 1 << 10:
+            raise LayerscopeError("Fisher memory budgets must be at least 1KB")
 
     def diag_tag(self) -> str:
         keys = {"kind": self.kind}
@@ -212,10 +212,13 @@ def _exact_batch(peg: PerExampleGradients, objective: Objective, b: int, acc: di
     """Σ_i w_i Σ_c p_ic g_ic² for one batch: one vmapped gradient per class (small output spaces)."""
     model = objective.model
     x, y = objective.data.batch(b)
+    if objective.token_loss is not None:
+        raise LayerscopeError("the exact Fisher needs one backward per vocabulary entry and position; "
+                              "use --fisher-kind true (Monte-Carlo)")
     with torch.no_grad():
         probs = torch.softmax(model.module(objective._to_device(x)).double(), dim=-1)
     n_classes = probs.shape[-1]
-    if objective.token_loss is not None or probs.dim() != 2 or n_classes > MAX_EXACT_CLASSES:
+    if probs.dim() != 2 or n_classes > MAX_EXACT_CLASSES:
         raise LayerscopeError(f"the exact Fisher is for classifiers with at most {MAX_EXACT_CLASSES} classes; "
                               "use --fisher-kind true (Monte-Carlo)")
     start = 0
