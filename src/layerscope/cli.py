@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters")
     _add_store(rn)
 
+    from .probes.fisher_cli import add_merge_command
+
+    add_merge_command(sub)
+
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
     return parser
@@ -374,7 +378,13 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
+def cmd_merge(args: argparse.Namespace, console: Console) -> int:
+    from .probes.fisher_cli import cmd_merge as run_merge
+
+    return run_merge(args, console)
+
+
+COMMANDS = {"merge": cmd_merge, "info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
             "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run,
             "metrics": cmd_metrics}
 

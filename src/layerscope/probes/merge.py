@@ -2,10 +2,10 @@
 
 * ``fisher`` (Matena & Raffel, 2022): θ* = Σ_t F̃_t θ_t / Σ_t F̃_t, entry by entry, with F_t the
   diagonal Fisher of model t on its own data (its kind as chosen, empirical by default) and
-  F̃_t = max(F_t, ε_t), ε_t = ``FLOOR`` × the mean of F_t over all of model t's parameters. The floor
-  is relative, so it does not depend on the loss's scale; it keeps an entry that no model's data
-  touches (F = 0 everywhere, e.g. the embedding row of a token absent from every dataset) at the
-  plain average instead of 0/0.
+  F̃_t = max(F_t, ε), ε = ``FLOOR`` × the mean Fisher entry over all models and parameters. The floor
+  is relative, so it does not depend on the loss's scale, and one ε for all models keeps an entry
+  that no model's data touches (F = 0 everywhere, e.g. the embedding row of a token absent from
+  every dataset) at the plain average instead of 0/0.
 * ``average``: θ* = mean_t θ_t.
 * ``ties`` (Yadav et al., 2023), needs the base: task vectors τ_t = θ_t − θ_base; *trim* each to its
   ``keep`` largest-magnitude entries per tensor (the same trim ``compare`` uses for its sign
@@ -48,17 +48,15 @@ def average(states: Sequence[Mapping[str, torch.Tensor]]) -> State:
 def fisher_merge(states: Sequence[Mapping[str, torch.Tensor]], fishers: Sequence[Mapping[str, torch.Tensor]],
                  floor: float = FLOOR) -> State:
     """Σ F̃_t θ_t / Σ F̃_t per entry (see the module docstring for F̃)."""
-    eps = []
-    for f in fishers:
-        total = sum(float(v.double().sum()) for v in f.values())
-        count = sum(v.numel() for v in f.values())
-        eps.append(floor * total / count if count and total > 0 else floor)
+    total = sum(float(v.double().sum()) for f in fishers for v in f.values())
+    count = sum(v.numel() for f in fishers for v in f.values())
+    eps = floor * total / count if count and total > 0 else floor
     out = {}
     for n in states[0]:
         num = torch.zeros(states[0][n].shape, dtype=torch.float64)
         den = torch.zeros_like(num)
-        for s, f, e in zip(states, fishers, eps):
-            w = f[n].to("cpu", torch.float64).clamp(min=e)
+        for s, f in zip(states, fishers):
+            w = f[n].to("cpu", torch.float64).clamp(min=eps)
             num += w * s[n].to("cpu", torch.float64)
             den += w
         out[n] = (num / den).to(states[0][n].dtype)
