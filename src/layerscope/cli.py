@@ -20,6 +20,7 @@ from rich.console import Console
 from . import __version__
 from .config import Config
 from .errors import LayerscopeError
+from .probes.fisher_cli import add_fisher_arguments, add_merge_command
 from .views import ProgressDisplay
 
 
@@ -133,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="run the model on data: loss, and Hessian curvature with --hessian")
     _add_common(pr)
-    pr.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk folder "
-                                   "(default: the Python reference's help topics, see README)")
+    pr.add_argument("--data", action="append", help="text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk "
+                                                     "folder (default: the Python reference's help topics, see README); "
+                                                     "again for more datasets, compared with the first by Fisher overlap")
     pr.add_argument("--text-field", help="field/column holding the text in .jsonl, .parquet and datasets (default text)")
     pr.add_argument("--seq-len", type=int, help="tokens per window (default min(128, the model's positions))")
     pr.add_argument("--batches", type=int, default=4, help="batches (default 4)")
@@ -152,10 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--density-steps", type=int, default=40, help="Lanczos steps per SLQ run (default 40)")
     pr.add_argument("--blocks", default="layer,type", help="block families for per-block curvature: layer, type, or none")
     pr.add_argument("--out", help="write everything as JSON")
-    pr.add_argument("--plot", help="folder for the density and per-layer curvature figures")
+    pr.add_argument("--plot", help="folder for the density, per-layer curvature, Fisher and pruning figures")
+    add_fisher_arguments(pr)
     _add_store(pr)
-
-    from .probes.fisher_cli import add_merge_command
 
     add_merge_command(sub)
 
@@ -401,8 +402,13 @@ def cmd_probe(args: argparse.Namespace, console: Console) -> int:
                                  density_steps=args.density_steps, blocks=blocks, seed=config.seed)
     if args.out and not args.out.lower().endswith(".json"):
         raise LayerscopeError(f"--out must be a .json file, got {args.out}")
+    from .probes.fisher_cli import fisher_options, wants_fisher
+
+    datas = args.data or [None]
+    fisher = fisher_options(args, config.seed) if wants_fisher(args) or len(datas) > 1 else False
     with ProgressDisplay("probe") as progress:
-        result = probe(args.path, args.data, hessian=hessian, text_field=args.text_field, seq_len=args.seq_len,
+        result = probe(args.path, datas[0], hessian=hessian, fisher=fisher, prune=args.prune, held_out=args.held_out,
+                       compare_data=datas[1:], text_field=args.text_field, seq_len=args.seq_len,
                        batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
                        dtype=args.dtype, config=config, revision=args.revision, progress=progress.update)
     print_probe(result, console)
@@ -417,6 +423,14 @@ def cmd_probe(args: argparse.Namespace, console: Console) -> int:
         if len(h.blocks) and (h.blocks["kind"] == "layer").any():
             paths.append(block_curvature(h.blocks, args.plot, result.model.label.rsplit("/", 1)[-1]))
         console.print(f"wrote {len(paths)} figures to {args.plot}")
+    if args.plot and result.fisher is not None:
+        from .probes.figures import fisher_by_layer, fisher_heads, pruning_curves
+
+        f, name = result.fisher, result.model.label.rsplit("/", 1)[-1]
+        paths = [fisher_by_layer(f.layers, args.plot, name)] + ([fisher_heads(f.heads, args.plot, name)] if len(f.heads) else [])
+        if f.pruning is not None:
+            paths.append(pruning_curves(f.pruning.curves, args.plot, name))
+        console.print(f"wrote {len(paths)} Fisher figures to {args.plot}")
     return 0
 
 

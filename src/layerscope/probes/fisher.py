@@ -330,7 +330,8 @@ def overlap_tables(model: RunnableModel, a: Mapping[str, torch.Tensor], b: Mappi
     by_layer: dict[Any, list[str]] = {}
     for n in names:
         by_layer.setdefault(model.layer(n) if model.layer(n) is not None else aggregate.OUTSIDE, []).append(n)
-    layers = pd.DataFrame([{"layer": k, **overlap(cat(a, ns), cat(b, ns), top)} for k, ns in by_layer.items()])
+    order = sorted(by_layer, key=lambda k: (1, 0) if k == aggregate.OUTSIDE else (0, k))
+    layers = pd.DataFrame([{"layer": k, **overlap(cat(a, by_layer[k]), cat(b, by_layer[k]), top)} for k in order])
     pa, pb = aggregate.head_pieces(model, a), aggregate.head_pieces(model, b)
     d = model.anatomy.dims
     group = max(1, (d.n_heads or 1) // (d.n_kv_heads or d.n_heads or 1))
@@ -413,10 +414,6 @@ def fisher_probe(objective: Objective, options: FisherOptions | None = None, *, 
         spectrum = gram_spectrum(objective, options, store=store, key=key, cache=cache, progress=progress)
     result = FisherResult(options.kind, diag, **fisher_tables(model, diag), spectrum=spectrum, options=options,
                           data=objective.data.description)
-    for label, other in (others or {}).items():
-        other_obj = Objective(model, other)
-        d2 = fisher_diagonal(other_obj, options, store=store, key=probe_key(model, other), cache=cache, progress=progress)
-        result.overlaps[label] = overlap_tables(model, diag.values, d2.values)
     if prune:
         from .prune import pruning_probe
 
@@ -424,4 +421,16 @@ def fisher_probe(objective: Objective, options: FisherOptions | None = None, *, 
             raise LayerscopeError("pruning curves need held-out batches")
         result.pruning = pruning_probe(objective, Objective(model, held_out), diag.values, prune, store=store,
                                        cache=cache, fisher_tag=options.diag_tag(), progress=progress)
+    for label, other in (others or {}).items():
+        other_obj = Objective(model, other)
+        d2 = fisher_diagonal(other_obj, options, store=store, key=probe_key(model, other), cache=cache, progress=progress)
+        result.overlaps[label] = overlap_tables(model, diag.values, d2.values)
+        if result.pruning is not None:  # do the two datasets prune the same weights (Fisher scores)?
+            from .prune import mask_iou, prunable, prune_order, pruned_mask, scores
+
+            names = prunable(model)
+            order = prune_order(scores("fisher", model, names, fisher=d2.values), names)
+            result.overlaps[label]["masks"] = pd.DataFrame(
+                [{"sparsity": s, "iou": mask_iou(result.pruning.masks["fisher"][s], pruned_mask(order, s))}
+                 for s in result.pruning.masks["fisher"]])
     return result

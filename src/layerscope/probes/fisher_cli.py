@@ -110,6 +110,8 @@ def print_fisher(result: Any, console: Any, top: int = 10) -> None:
         console.print(f"[bold]Fisher overlap[/bold] {label}: {m['overlap']:.4f} (1 − ½‖√F̂₁ − √F̂₂‖², unit-trace F̂); "
                       f"top-1% shared: {m['top_shared']:.3f}")
         _frame(console, parts["layers"], "overlap per layer", ["layer", "overlap", "top_shared"])
+        if "masks" in parts:
+            _frame(console, parts["masks"], "IoU of the Fisher pruning masks of the two datasets", ["sparsity", "iou"])
 
 
 def _frame(console: Any, frame: Any, title: str, columns: list[str]) -> None:
