@@ -180,3 +180,39 @@ def test_merge_nanogpt_writes_gpt2_format_and_bad_input(trained_run, trained_lla
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 3 and all(ln.startswith("layerscope: error:") for ln in lines)
     assert "at least two" in lines[0] and "cannot merge" in lines[1] and "--base" in lines[2]
+
+
+def test_probe_command_with_fisher_prune_and_two_datasets(trained_run, tmp_path, capsys):
+    from layerscope.report.document import Document, to_html
+    from layerscope.report.fisher import fisher_section
+
+    ckpt = trained_run["checkpoints"][-1]
+    docs, _ = default_text()
+    (tmp_path / "a.txt").write_text("".join(docs[:25]))
+    (tmp_path / "b.txt").write_text("".join(docs[-25:]))
+    out = tmp_path / "probe.json"
+    args = ["probe", ckpt, "--fisher", "--prune", "0.2,0.6", "--data", str(tmp_path / "a.txt"), "--data",
+            str(tmp_path / "b.txt"), "--seq-len", "32", "--batches", "3", "--batch-size", "2", "--fisher-top-k", "3",
+            "--out", str(out), "--plot", str(tmp_path / "plots"), "--store", str(tmp_path / "s.sqlite")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Fisher information (empirical" in printed and "Fisher overlap a.txt ~ b.txt" in printed
+    saved = json.loads(out.read_text())["fisher"]
+    assert len(saved["summary"]["top_eigenvalues"]) == 3 and saved["summary"]["examples"] == 4  # 1 of 3 batches held out
+    assert {r["method"] for r in saved["pruning"]["curves"]} == {"magnitude", "fisher", "taylor"}
+    overlap = saved["overlap"]["a.txt ~ b.txt"]
+    assert 0 < overlap["model"][0]["overlap"] < 1 and len(overlap["masks"]) == 2
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"fisher_layers.png", "fisher_heads.png", "pruning_curves.png"}
+    # the report section renders (per-layer Fisher, head heatmap, pruning curves)
+    from layerscope.probes.probe import probe
+
+    result = probe(ckpt, str(tmp_path / "a.txt"), fisher={"kind": "true", "samples": 2, "top_k": 0}, prune=[0.3],
+                   seq_len=32, batches=2, batch_size=2)
+    assert result.fisher.kind == "true" and "fisher_heads" in result.tables()
+    html = to_html(Document("t", "", [fisher_section(result.fisher, tmp_path / "fig", "gpt")]))
+    assert "Fisher per attention head" in html and "pruning" in html
+    capsys.readouterr()
+    for bad in (["--prune", "1.5"], ["--fisher", "--fisher-samples", "0"], ["--prune", "0.5", "--batches", "1"]):
+        assert main(["probe", ckpt, "--seq-len", "32", "--batch-size", "2"] + bad) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 3 and all(ln.startswith("layerscope: error:") for ln in err)
