@@ -381,7 +381,7 @@ class FisherResult:
     def to_dict(self) -> dict[str, Any]:
         out = {"summary": self.summary(), "options": asdict(self.options), "data": self.data,
                "tensors": self.tensors.to_dict(orient="records"), "layers": self.layers.to_dict(orient="records"),
-               "heads": self.heads.to_dict(orient="records")}
+               "heads": self.heads.to_dict(orient="records"), "neurons": self.neurons.to_dict(orient="records")}
         if self.spectrum is not None:
             out["spectrum"] = self.spectrum.to_dict(self.options.top_k)
         if self.pruning is not None:

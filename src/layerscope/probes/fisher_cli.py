@@ -91,6 +91,9 @@ def print_fisher(result: Any, console: Any, top: int = 10) -> None:
     if len(result.heads):
         heads = result.heads.sort_values("fisher", ascending=False).head(top)
         _frame(console, heads, f"top {top} heads (q + o + share of k, v)", ["layer", "head", "fisher", "q", "k", "v", "o"])
+    if len(result.neurons):
+        neurons = result.neurons.sort_values("fisher", ascending=False).head(top)
+        _frame(console, neurons, f"top {top} MLP neurons (up/gate row + down column)", ["layer", "neuron", "fisher", "up", "gate", "down"])
     if result.pruning is not None:
         p = result.pruning
         table = Table(title=f"held-out loss after pruning ({p.prunable:,} prunable weights; {p.held_out})", title_justify="left")

@@ -162,7 +162,8 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
         others = {}
         for i, other in enumerate(compare_data or []):
             label = Path(str(other)).name if isinstance(other, (str, os.PathLike)) else f"data {i + 2}"
-            others[f"{Path(str(data)).name if data is not None else 'default text'} ~ {label}"] = load_data(
+            first = Path(str(data)).name if isinstance(data, (str, os.PathLike)) else "default text" if data is None else "data 1"
+            others[f"{first} ~ {label}"] = load_data(
                 runnable, other, text_field=text_field, seq_len=seq_len, batches=batches, batch_size=batch_size, seed=seed)
         options = {"hessian": hessian if not isinstance(hessian, bool) else {},
                    "fisher": fisher if not isinstance(fisher, bool) else {}, "prune": prune, "held_out": held_out,
