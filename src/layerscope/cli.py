@@ -24,6 +24,7 @@ from .cli_args import (TABLE_SUFFIXES, Parser, checkpoint, comma_list, device, e
                        int_at_least, output_file, output_folder, preflight, store_file)
 from .config import Config
 from .errors import LayerscopeError
+from .probes.fisher_cli import add_fisher_arguments, add_merge_command
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -169,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="run the model on data: loss, and Hessian curvature with --hessian")
     _add_common(pr)
-    pr.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk folder "
-                                   "(default: the Python reference's help topics, see README)")
+    pr.add_argument("--data", action="append", help="text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk "
+                                                     "folder (default: the Python reference's help topics, see README); "
+                                                     "again for more datasets, compared with the first by Fisher overlap")
     pr.add_argument("--text-field", help="field/column holding the text in .jsonl, .parquet and datasets (default text)")
     pr.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
     pr.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
@@ -188,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--density-steps", type=int_at_least(2), default=40, help="Lanczos steps per SLQ run (default 40)")
     pr.add_argument("--blocks", default="layer,type", help="block families for per-block curvature: layer, type, or none")
     pr.add_argument("--out", type=output_file(".json"), help="write everything as JSON")
-    pr.add_argument("--plot", type=output_folder, help="folder for the density and per-layer curvature figures")
+    pr.add_argument("--plot", type=output_folder, help="folder for the density, per-layer curvature, Fisher and pruning figures")
+    add_fisher_arguments(pr)
     _add_store(pr)
+
+    add_merge_command(sub)
 
     ac = sub.add_parser("activations", help="what the model does on text: head behaviour, logit lens, CKA, neurons")
     _add_common(ac)
@@ -494,8 +499,13 @@ def cmd_probe(args: argparse.Namespace, console: "Console") -> int:
                                  trace_max=args.trace_samples, trace_min=min(10, args.trace_samples),
                                  trace_rel_error=args.trace_rel_error or None, density_runs=args.density_runs,
                                  density_steps=args.density_steps, blocks=blocks, seed=config.seed)
+    from .probes.fisher_cli import fisher_options, wants_fisher
+
+    datas = args.data or [None]
+    fisher = fisher_options(args, config.seed) if wants_fisher(args) or len(datas) > 1 else False
     with ProgressDisplay("probe") as progress:
-        result = probe(args.path, args.data, hessian=hessian, text_field=args.text_field, seq_len=args.seq_len,
+        result = probe(args.path, datas[0], hessian=hessian, fisher=fisher, prune=args.prune, held_out=args.held_out,
+                       compare_data=datas[1:], text_field=args.text_field, seq_len=args.seq_len,
                        batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
                        dtype=args.dtype, config=config, revision=args.revision, progress=progress.update)
     print_probe(result, console)
@@ -510,6 +520,14 @@ def cmd_probe(args: argparse.Namespace, console: "Console") -> int:
         if len(h.blocks) and (h.blocks["kind"] == "layer").any():
             paths.append(block_curvature(h.blocks, args.plot, result.model.label.rsplit("/", 1)[-1]))
         console.print(f"wrote {len(paths)} figures to {args.plot}")
+    if args.plot and result.fisher is not None:
+        from .probes.figures import fisher_by_layer, fisher_heads, pruning_curves
+
+        f, name = result.fisher, result.model.label.rsplit("/", 1)[-1]
+        paths = [fisher_by_layer(f.layers, args.plot, name)] + ([fisher_heads(f.heads, args.plot, name)] if len(f.heads) else [])
+        if f.pruning is not None:
+            paths.append(pruning_curves(f.pruning.curves, args.plot, name))
+        console.print(f"wrote {len(paths)} Fisher figures to {args.plot}")
     return 0
 
 
@@ -550,7 +568,13 @@ def cmd_metrics(args: argparse.Namespace, console: "Console") -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
+def cmd_merge(args: argparse.Namespace, console: "Console") -> int:
+    from .probes.fisher_cli import cmd_merge as run_merge
+
+    return run_merge(args, console)
+
+
+COMMANDS = {"merge": cmd_merge, "info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
             "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe,
             "activations": cmd_activations,
             "metrics": cmd_metrics}

@@ -19,10 +19,12 @@ from .views import ProgressDisplay
 
 STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters", "probe", "activations")
 
-#: The probe stage's budget: a quick look at curvature (``layerscope probe --hessian`` goes further).
+#: The probe stage's budget: a quick look at curvature and Fisher information (``layerscope probe
+#: --hessian --fisher`` goes further). The Fisher diagonal costs about one pass of per-example gradients.
 RUN_PROBE = dict(batches=2, batch_size=4, hessian=dict(top_k=5, max_iter=60, trace_min=10, trace_max=30,
                                                        density_runs=2, density_steps=30, blocks=("layer",),
-                                                       block_max_iter=20))
+                                                       block_max_iter=20),
+                 fisher=dict(top_k=5))
 
 
 def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscope-out", revision: str | None = None,

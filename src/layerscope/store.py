@@ -30,11 +30,14 @@ CREATE TABLE IF NOT EXISTS spectra (
 CREATE TABLE IF NOT EXISTS artifacts (
     key TEXT NOT NULL, kind TEXT NOT NULL, params TEXT NOT NULL, payload TEXT NOT NULL,
     PRIMARY KEY (key, kind, params)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS arrays (
+    key TEXT NOT NULL, kind TEXT NOT NULL, params TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (key, kind, params)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT PRIMARY KEY, content_hash TEXT NOT NULL) WITHOUT ROWID;
 """
 
-TABLES = ("results", "spectra", "artifacts", "fingerprints")
+TABLES = ("results", "spectra", "artifacts", "arrays", "fingerprints")
 
 #: Rows of each table, as SQLite returns them; how store contents travel between processes.
 Records = dict[str, list[tuple]]
@@ -175,10 +178,34 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
+    # -- arrays (probe results with one value per parameter: a diagonal Fisher, a running sum) -
+    def put_arrays(self, key: str, kind: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store several named arrays (``params`` = the name) under (key, kind) in one transaction,
+        in their own dtype (float32 halves what a per-parameter result costs against float64)."""
+        rows = []
+        for params, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            rows.append((key, kind, params, a.dtype.str, json.dumps(list(a.shape)), a.tobytes()))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def arrays(self, key: str, kind: str) -> dict[str, np.ndarray]:
+        """Every array stored under (key, kind), by name ({} when none)."""
+        with self._lock:
+            rows = self._db.execute("SELECT params, dtype, shape, data FROM arrays WHERE key=? AND kind=?",
+                                    (key, kind)).fetchall()
+        return {p: np.frombuffer(d, dtype=np.dtype(t)).reshape(json.loads(s)).copy() for p, t, s, d in rows}
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                    for t in ("results", "spectra", "artifacts", "fingerprints")}
+                    for t in TABLES}
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:

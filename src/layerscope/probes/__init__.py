@@ -24,12 +24,34 @@ A probe's store key is (model.weights_hash, data.hash, probe name, its parameter
 :func:`probe_key` builds it, so no probe ever runs twice on the same inputs.
 """
 
-from .data import ProbeData, default_text, from_pairs, load_data, make_batches, read_texts
-from .model import HeadSlice, RunnableModel, from_module, load_model
-from .objective import LossResult, Objective
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Resolved on first use (PEP 562), so that ``layerscope --help`` can import the probes' CLI pieces
+# (e.g. ``probes.fisher_cli``) without importing torch.
+_LAZY = {"ProbeData": ".data", "default_text": ".data", "from_pairs": ".data", "load_data": ".data",
+         "make_batches": ".data", "read_texts": ".data", "HeadSlice": ".model", "RunnableModel": ".model",
+         "from_module": ".model", "load_model": ".model", "LossResult": ".objective", "Objective": ".objective"}
 
 
-def probe_key(model: RunnableModel, data: ProbeData) -> str:
+def __getattr__(name: str) -> Any:
+    try:
+        module = importlib.import_module(_LAZY[name], __name__)
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import ProbeData
+    from .model import RunnableModel
+
+
+def probe_key(model: "RunnableModel", data: "ProbeData") -> str:
     """The store key's content part: weights and data hashes (probe name and parameters go beside it)."""
     return f"{model.weights_hash}:{data.hash}"
 

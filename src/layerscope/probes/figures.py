@@ -56,3 +56,51 @@ def block_curvature(blocks: pd.DataFrame, directory: str | Path, title: str = ""
         ax.set_xticks(x)
     fig.suptitle("Curvature per layer" + (f" — {title}" if title else ""))
     return _save(fig, Path(directory) / "hessian_layers.png")
+
+
+# -- Fisher ----------------------------------------------------------------------------------------
+def fisher_by_layer(layers: pd.DataFrame, directory: str | Path, title: str = "") -> Path:
+    """Share of the Fisher trace in each layer (and outside the layers)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(layers) + 2), 3.6))
+    labels = [str(v) for v in layers["layer"]]
+    ax.bar(range(len(layers)), layers["share"].to_numpy(dtype=float), color="#1f77b4")
+    ax.set_xticks(range(len(layers)), labels)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of the Fisher trace")
+    ax.set_title("diagonal Fisher per layer" + (f" — {title}" if title else ""))
+    return _save(fig, Path(directory) / "fisher_layers.png")
+
+
+def fisher_heads(heads: pd.DataFrame, directory: str | Path, title: str = "") -> Path:
+    """Layer × head heatmap of each query head's Fisher (q + o + its share of k, v), log colour scale."""
+    plt = _plt()
+    from matplotlib.colors import LogNorm
+
+    grid = heads.pivot(index="layer", columns="head", values="fisher").sort_index()
+    values = grid.to_numpy(dtype=float)
+    positive = values[values > 0]
+    norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size and positive.max() > positive.min() else None
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 2), max(3.0, 0.4 * grid.shape[0] + 1.5)))
+    im = ax.imshow(np.where(values > 0, values, np.nan), aspect="auto", cmap="viridis", origin="upper", norm=norm)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+    ax.set_title("Fisher per attention head" + (f" — {title}" if title else ""))
+    fig.colorbar(im, ax=ax, label="Fisher (sum over the head's weights)")
+    return _save(fig, Path(directory) / "fisher_heads.png")
+
+
+def pruning_curves(curves: pd.DataFrame, directory: str | Path, title: str = "") -> Path:
+    """Held-out loss against sparsity, one line per scoring method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rows in curves.groupby("method", sort=False):
+        rows = rows.sort_values("sparsity")
+        ax.plot(rows["sparsity"], rows["loss"], marker="o", label=method)
+    ax.set_xlabel("sparsity (share of attention and MLP weights zeroed)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("pruning robustness" + (f" — {title}" if title else ""))
+    ax.legend()
+    return _save(fig, Path(directory) / "pruning_curves.png")

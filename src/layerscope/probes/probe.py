@@ -43,12 +43,22 @@ class ProbeResult:
     def hessian(self) -> HessianResult | None:
         return self.results.get("hessian")
 
+    @property
+    def fisher(self) -> Any:
+        """The FisherResult (``probes.fisher``), when the Fisher probe ran."""
+        return self.results.get("fisher")
+
     def tables(self) -> dict[str, pd.DataFrame]:
         """The DataFrames: per-parameter anatomy, and each probe's tables."""
         out = {"parameters": self.model.param_table()}
         if self.hessian is not None:
             out["hessian_eigenvalues"] = self.hessian.eigenvalues
             out["hessian_blocks"] = self.hessian.blocks
+        if self.fisher is not None:
+            for part in ("tensors", "layers", "heads", "neurons"):
+                out[f"fisher_{part}"] = getattr(self.fisher, part)
+            if self.fisher.pruning is not None:
+                out["pruning_curves"] = self.fisher.pruning.curves
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,17 +113,44 @@ def _hessian_step(objective: Objective, options: dict, store: Any, key: str, cac
     return hessian_probe(objective, opts, store=store, key=key, cache=cache, progress=progress)
 
 
+def _fisher_step(objective: Objective, options: dict, store: Any, key: str, cache: bool, progress: Progress | None):
+    """The Fisher probe; with ``prune`` the last ``held_out`` batches (default a quarter) are held out
+    for the pruning curves and the Fisher is taken on the rest; ``fisher_others`` (label ->
+    ProbeData) are compared with it (Fisher overlap)."""
+    from .fisher import FisherOptions, fisher_probe
+    from .prune import parse_sparsities
+
+    opts = options.get("fisher")
+    if not isinstance(opts, FisherOptions):
+        opts = FisherOptions(**(opts or {}))
+    prune = parse_sparsities(options["prune"]) if options.get("prune") else None
+    held = None
+    if prune:
+        n = objective.n_batches
+        k = options.get("held_out") or max(1, n // 4)
+        if n < 2 or not 0 < k < n:
+            raise LayerscopeError(f"--prune needs batches to hold out: --held-out {k} of --batches {n} (use --batches >= 2)")
+        calibration, held = objective.data.split(k)
+        objective = Objective(objective.model, calibration)
+    return fisher_probe(objective, opts, prune=prune, held_out=held, others=options.get("fisher_others"), store=store,
+                        cache=cache, progress=progress)
+
+
 #: name -> step(objective, options, store, key, cache, progress). Probes are run in this order.
-STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step}
+STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step, "fisher": _fisher_step}
 
 
-def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict = False, loss_fn: Callable | None = None,
+def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict = False, fisher: Any = False,
+          prune: Any = None, held_out: int | None = None, compare_data: Any = None, loss_fn: Callable | None = None,
           text_field: str | None = None, seq_len: int | None = None, batches: int = 4, batch_size: int = 8,
           seed: int = 0, device: str | None = None, dtype: str | None = None, config: Config | None = None,
           revision: str | None = None, progress: Progress | None = None, **probe_options: Any) -> ProbeResult:
     """Run ``model`` (a checkpoint path, hub id, nn.Module or RunnableModel) on ``data`` and probe it.
 
-    hessian: True (defaults), a HessianOptions, or a dict of its fields. loss_fn: for a module that is
+    hessian: True (defaults), a HessianOptions, or a dict of its fields. fisher: the same for the
+    Fisher probe (``probes.fisher.FisherOptions``); prune: sparsities (e.g. [0.1, 0.3, 0.5]; implies
+    fisher) for pruning curves on ``held_out`` held-out batches; compare_data: other data (paths or
+    texts), each compared with ``data`` by Fisher overlap. loss_fn: for a module that is
     not a transformers LM; ``data`` is then its ``[(inputs, targets), ...]`` batches (PyHessian and
     curvlinops' call shape). Without ``data`` an LM is evaluated on the default text
     (``probes.data.default_text``)."""
@@ -138,8 +175,16 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
             store.put_artifact(key, "loss", dtype_tag, loss.__dict__)
         else:
             loss = LossResult(**stored)
-        options = {"hessian": hessian if not isinstance(hessian, bool) else {}, **probe_options}
-        wanted = {"hessian": bool(hessian)}
+        others = {}
+        for i, other in enumerate(compare_data or []):
+            label = Path(str(other)).name if isinstance(other, (str, os.PathLike)) else f"data {i + 2}"
+            first = Path(str(data)).name if isinstance(data, (str, os.PathLike)) else "default text" if data is None else "data 1"
+            others[f"{first} ~ {label}"] = load_data(
+                runnable, other, text_field=text_field, seq_len=seq_len, batches=batches, batch_size=batch_size, seed=seed)
+        options = {"hessian": hessian if not isinstance(hessian, bool) else {},
+                   "fisher": fisher if not isinstance(fisher, bool) else {}, "prune": prune, "held_out": held_out,
+                   "fisher_others": others, **probe_options}
+        wanted = {"hessian": bool(hessian), "fisher": bool(fisher) or bool(prune) or bool(others)}
         result = ProbeResult(runnable, probe_data, loss)
         for name, step in STEPS.items():
             if wanted.get(name):
@@ -164,6 +209,10 @@ def print_probe(result: ProbeResult, console: Any = None) -> None:
                          f"{str(m.dtype).removeprefix('torch.')} on {m.device}"))
     console.print(escape(f"data: {d.description}; {d.n_batches} batches, {d.tokens:,} target tokens; hash {d.hash[:12]}"))
     console.print(f"[bold]loss[/bold] {result.loss.loss:.4f} nats/token, perplexity {_fmt(result.loss.perplexity)}")
+    if result.fisher is not None:
+        from .fisher_cli import print_fisher
+
+        print_fisher(result.fisher, console)
     h = result.hessian
     if h is None:
         return

@@ -261,6 +261,10 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
             sections.append(_clusters_section(m, figures, suffix))
         if m.probe is not None:
             sections.append(_probe_section(m, figures, suffix))
+            if getattr(m.probe, "fisher", None) is not None:
+                from .fisher import fisher_section
+
+                sections.append(fisher_section(m.probe.fisher, figures, m.label, suffix))
     if many:
         sections.append(_comparison_section(models, figures, compare_result))
     for m in models:
