@@ -75,6 +75,9 @@ class Skeleton:
     stacks: list[str]
     n_layers: dict[str, int] = field(default_factory=dict)  # per stack
     shared_layers: bool = False  # ALBERT: one set of weights used by every layer
+    #: the names ``save_pretrained`` writes -> the module parameters each holds, in order, with their row
+    #: counts (transformers' own weight conversion: HRM's fused gqkv_proj, Bailing's attention -> self_attn)
+    saved: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
@@ -249,8 +252,54 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
     # nested attention wrappers (T5LayerSelfAttention around T5Attention): the innermost one describes the heads
     attention = {p: a for p, a in attention.items() if not any(q.startswith(p + ".") for q in attention)}
     skeleton = Skeleton(model_type, class_name, modules, contexts, attention, layers, param_names, stacks or [""],
-                        n_layers, shared_layers=_shared(model_type, text_cfg, n_layers))
+                        n_layers, shared_layers=_shared(model_type, text_cfg, n_layers), saved=_saved_names(model))
     return skeleton
+
+
+def _saved_names(model) -> dict[str, list[tuple[str, int]]]:
+    """What ``save_pretrained`` calls each parameter, following transformers' own reverse conversion
+    (``revert_weight_conversion``) with provenance: saved name -> [(module parameter, rows)], only
+    where the name changes. Empty when this transformers has no conversions for the model."""
+    try:
+        from copy import deepcopy
+
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming, apply_converters,
+                                                     apply_renamings)
+
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    except Exception:  # noqa: BLE001 - older transformers: names are saved as they are
+        return {}
+    if not conversions:
+        return {}
+    out: dict[str, list[tuple[str, int]]] = {}
+    try:
+        reverse = [c.reverse_transform() for c in conversions[::-1]]
+        renamings = [c for c in reverse if isinstance(c, WeightRenaming)]
+        converters = [c for c in reverse if isinstance(c, WeightConverter)]
+        by_pattern = {k: c for c in converters for k in c.source_patterns}
+        groups: dict[str, Any] = {}
+        members: dict[str, list[str]] = {}
+        params = dict(model.named_parameters())
+        for name in sorted(params):
+            renamed, pattern = apply_converters(name, converters)
+            if pattern is None:
+                saved = apply_renamings(name, renamings)
+                if saved != name:
+                    out[saved] = [(name, int(params[name].shape[0]) if params[name].dim() else 1)]
+                continue
+            conv = groups.setdefault(renamed, deepcopy(by_pattern[pattern]))
+            conv.add_tensor(renamed, name, pattern, params[name])
+            members.setdefault(renamed, []).append(name)
+        for first, conv in groups.items():
+            realized = conv.convert(first, model=model, config=model.config)
+            names = members[first]
+            rows = [(n, int(params[n].shape[-2]) if params[n].dim() >= 2 else 1) for n in names]
+            for target in realized:
+                out[apply_renamings(target, renamings)] = rows
+    except Exception:  # noqa: BLE001 - a conversion we cannot replay on meta tensors: keep what was found
+        pass
+    return out
 
 
 def _stack_of(path: str) -> str:
