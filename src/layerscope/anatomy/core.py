@@ -131,7 +131,8 @@ class Anatomy:
 
     @property
     def stacks(self) -> list[str]:
-        return sorted({e.stack for e in self.entries.values()}, key=("encoder", "decoder", "").index)
+        order = ("encoder", "decoder", "")
+        return sorted({e.stack for e in self.entries.values()}, key=lambda s: (order.index(s) if s in order else 2, s))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -202,6 +202,11 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
     layers: dict[str, tuple[str, int | None]] = {}
     n_layers: dict[str, int] = {}
     stacks: list[str] = []
+    # several sibling stacks of blocks that are not encoder/decoder (HRM's H_module / L_module, BLT's
+    # local encoder / global transformer): each is a stack named by the module holding its list
+    blocks = [p for p in layer_lists if any(True for _ in named[p][0].children())]  # blocks, not lists of Linears
+    top = [p for p in blocks if not any(p.startswith(q + ".") for q in layer_lists if q != p)]
+    own_names = len(top) > 1 and len({_stack_of(p + ".") for p in top}) < len(top)
     for path in named:
         stack = _stack_of(path)
         layer = None
@@ -211,6 +216,9 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
                 rest = path[len(prefix):].split(".", 1)[0]
                 if rest.isdigit():
                     layer = int(rest)
+                    if own_names and lst in top and not stack:
+                        parts = lst.split(".")
+                        stack = parts[-2] if len(parts) > 1 and parts[-2] not in ("model", "transformer") else parts[-1]
                     break  # parents come first: the outermost list of blocks
         layers[path] = (stack, layer)
         if layer is not None:
