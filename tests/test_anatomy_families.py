@@ -195,3 +195,31 @@ def test_heads_hybrid_skips_the_mamba_layer_with_its_reason(tmp_path):
     s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
     _check(result.table, result.table["layer"] == 1,
            {h: (s(q, h), s(k, h // 2), s(v, h // 2), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):
+    """The skeleton's facts are cached on disk keyed by (transformers version, config): a second
+    ``info`` reads them and never imports transformers, and gives the same anatomy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path, _ = _build("llama", tmp_path)
+    probe = ("import sys, json, layerscope; from layerscope.cli import main; rc = main(['info', sys.argv[1]]); "
+             "a = layerscope.inspect(sys.argv[1]); "
+             "print(json.dumps({'rc': rc, 'tf': 'transformers' in sys.modules, 'path': a.path, "
+             "'roles': sorted((n, e.role, e.layer) for n, e in a.entries.items())}))")
+    env = {**os.environ, "LAYERSCOPE_CACHE_DIR": str(_layerscope_cache_dir),
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["tf"] and not runs[1]["tf"]
+    assert runs[0]["rc"] == runs[1]["rc"] == 0
+    assert runs[0]["path"] == runs[1]["path"] == "skeleton"
+    assert runs[0]["roles"] == runs[1]["roles"]
+    assert list((_layerscope_cache_dir / "skeletons").glob("*.json"))

@@ -6,8 +6,9 @@ and its module tree says what names cannot: which module owns a projection (an a
 cross-attention, an SSM / linear-attention mixer, an MLP, an expert block), each Linear's in/out
 features, GPT-2-style ``Conv1D`` layouts, the attention modules' own ``num_heads`` /
 ``num_key_value_heads`` / ``head_dim``, which layers of a hybrid have softmax attention, and which
-stack (encoder / decoder) a layer belongs to. Building is the expensive bit, so a skeleton is cached
-per config (its JSON text). ``transformers`` is imported here only, inside :func:`build_skeleton`.
+stack (encoder / decoder) a layer belongs to. Building is the expensive bit (importing transformers
+alone is ~1 s), so a skeleton is cached per config in memory and on disk (its facts as JSON, keyed by
+the transformers version and the config's text). ``transformers`` is imported here only, on a miss.
 """
 
 from __future__ import annotations
@@ -101,10 +102,77 @@ def build_skeleton(config: dict[str, Any] | None) -> Skeleton | None:
 
 @lru_cache(maxsize=16)
 def _cached(config_text: str) -> Skeleton | None:
+    path = _disk_path(config_text)
+    if path is not None:
+        hit = _load(path)
+        if hit is not _MISS:
+            return hit
     try:
-        return _build(json.loads(config_text))
+        skeleton = _build(json.loads(config_text))
     except Exception:  # noqa: BLE001 - an unbuildable config falls back to the name rules
+        skeleton = None
+    if path is not None:
+        _save(path, skeleton)
+    return skeleton
+
+
+# -- the on-disk cache: the skeleton's facts (not the model), so a second `info` skips transformers --------
+CACHE_FORMAT = 1  # bump when Skeleton's fields or the way they are read change
+_MISS = object()
+
+
+def _disk_path(config_text: str):
+    """``<cache dir>/skeletons/<sha256(format, transformers version, config)>.json``, or None (no
+    transformers installed, or LAYERSCOPE_SKELETON_CACHE=0). The version comes from the package
+    metadata, which is cheap; importing transformers is what the cache avoids."""
+    import hashlib
+    import os
+    from importlib import metadata
+
+    if os.environ.get("LAYERSCOPE_SKELETON_CACHE", "1") == "0":
         return None
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+    from ..config import Config
+
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{version}\0{config_text}".encode()).hexdigest()
+    return Config().resolved_store().parent / "skeletons" / f"{key}.json"
+
+
+def _load(path) -> Skeleton | None | object:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return _MISS
+    try:
+        if data.get("skeleton") is None:
+            return None
+        d = data["skeleton"]
+        return Skeleton(
+            d["model_type"], d["model_class"], {k: ModuleRecord(**v) for k, v in d["modules"].items()},
+            {k: tuple(v) for k, v in d["contexts"].items()},
+            {k: AttentionRecord(**v) for k, v in d["attention"].items()},
+            {k: tuple(v) for k, v in d["layers"].items()}, list(d["param_names"]), list(d["stacks"]),
+            dict(d["n_layers"]), bool(d["shared_layers"]),
+            {k: [tuple(x) for x in v] for k, v in d["saved"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _MISS  # an older or damaged entry: rebuild and overwrite it
+
+
+def _save(path, skeleton: Skeleton | None) -> None:
+    """Written atomically (temp file + rename), so a concurrent reader never sees half a file."""
+    import os
+    from dataclasses import asdict
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"skeleton": asdict(skeleton) if skeleton is not None else None}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only costs the rebuild
 
 
 def _model_class(transformers, cfg, config: dict[str, Any]):
