@@ -112,7 +112,8 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
         if not roles:
             break
         sub = layered[layered["role"].isin(roles)]
-        pivot = sub.groupby(["layer", "role"])[metric].mean().unstack("role")
+        keys = layer_keys(sub)
+        pivot = sub.groupby(keys + ["role"])[metric].mean().unstack("role")
         if pivot.isna().all().all():
             continue
         table = Table(title=f"{metric} by layer and role", title_justify="left")
@@ -120,7 +121,7 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
         for r in roles:
             table.add_column(r, justify="right")
         for layer, row in pivot.iterrows():
-            table.add_row(str(layer), *[_fmt(row.get(r)) for r in roles])
+            table.add_row(layer_label(layer), *[_fmt(row.get(r)) for r in roles])
         console.print(table)
     others = t[t["layer"].isna() & t["role"].isin(["embed.token", "embed.position", "embed.type", "lm_head"])]
     if len(others) and key:
@@ -156,13 +157,40 @@ def print_heads(result, console: Console | None = None) -> None:
     table.add_column("layer", justify="right")
     for c in cols.values():
         table.add_column(c, justify="right")
-    for layer, grp in t.groupby("layer"):
-        table.add_row(str(layer), *[_fmt(float(grp[c].mean())) for c in cols])
+    for layer, grp in t.groupby(layer_keys(t) + (["attention"] if "attention" in t.columns else []), sort=False):
+        table.add_row(layer_label(layer), *[_fmt(float(grp[c].mean())) for c in cols])
     console.print(table)
     lo, hi = result.thresholds
-    fmt = lambda heads: ", ".join(f"{l}.{h}" for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
+    fmt = lambda heads: ", ".join(head_label(l, h) for l, h in heads[:40]) + (" …" if len(heads) > 40 else "")  # noqa: E731,E741
     console.print(f"low-rank heads (qk_entropy_rank ≤ {lo:.3g}, layer.head): {fmt(result.low_rank)}")
     console.print(f"high-rank heads (qk_entropy_rank ≥ {hi:.3g}, layer.head): {fmt(result.high_rank)}")
+
+
+STACK_SHORT = {"encoder": "enc", "decoder": "dec"}
+
+
+def layer_keys(table) -> list[str]:
+    """Group per-layer rows by (stack, layer) where a model has stacks (encoder-decoder), else by layer,
+    so encoder layer 0 and decoder layer 0 are never averaged together."""
+    if "stack" in table.columns and table["stack"].fillna("").nunique() > 1:
+        return ["stack", "layer"]
+    return ["layer"]
+
+
+def layer_label(key) -> str:
+    """``3`` -> "3"; ``("encoder", 0)`` -> "enc L0"; ``("decoder", 1, "cross")`` -> "dec L1 cross"."""
+    if not isinstance(key, tuple):
+        return str(key)
+    if len(key) == 1:
+        return str(key[0])
+    stack, layer, *rest = key
+    text = f"{STACK_SHORT.get(stack, stack)} L{layer}" if stack else str(layer)
+    return text + "".join(f" {r}" for r in rest if r and r != "self")
+
+
+def head_label(where, head: int) -> str:
+    """A head of a single-stack model is "layer.head"; with stacks "enc L0 H3" / "dec L1 cross H2"."""
+    return f"{where} H{head}" if isinstance(where, str) else f"{where}.{head}"
 
 
 def print_embeddings(result, console: Console | None = None) -> None:

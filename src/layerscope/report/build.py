@@ -253,10 +253,13 @@ def _heads_section(m: ModelData, figures: Path, suffix: str) -> Section:
     sec.blocks.append(Gallery([Figure(p, p.stem.replace("heads_", "").replace("_", " ") + " (layer × head)")
                                for p in shown]))
     lo, hi = h.thresholds
-    show = lambda heads: ", ".join(f"{a}.{b}" for a, b in heads[:48]) + (" …" if len(heads) > 48 else "")  # noqa: E731
+    from ..views import head_label, layer_keys
+
+    show = lambda heads: ", ".join(head_label(a, b) for a, b in heads[:48]) + (" …" if len(heads) > 48 else "")  # noqa: E731
     sec.blocks.append(Items([f"low-rank heads (QK effective rank ≤ {lo:.3g}, layer.head): {show(h.low_rank) or 'none'}",
                              f"high-rank heads (QK effective rank ≥ {hi:.3g}): {show(h.high_rank) or 'none'}"]))
-    means = h.table.groupby("layer")[["qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score"]].mean()
+    keys = layer_keys(h.table) + (["attention"] if "attention" in h.table.columns else [])
+    means = h.table.groupby(keys, sort=False)[["qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score"]].mean()
     sec.blocks.append(TableBlock(means.reset_index(), "per-layer means over heads"))
     return sec
 

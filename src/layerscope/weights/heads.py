@@ -284,7 +284,7 @@ class HeadsResult:
     anatomy: Anatomy
     source: Source
     low_rank: list[tuple[Any, int]]
-    high_rank: list[tuple[Any, int]]  # (layer, head); encoder-decoders: ("enc0" / "dec0" / "dec0x" cross, head)
+    high_rank: list[tuple[Any, int]]  # (layer, head); encoder-decoders: ("enc L0" / "dec L0" / "dec L0 cross", head)
     thresholds: tuple[float, float]
     skipped: list[Skipped] = field(default_factory=list)  # layers without (readable) softmax attention, and why
 
@@ -335,7 +335,9 @@ def heads(source: Any, config: Config | None = None, *, low_pct: float = 25.0, h
     def where(r) -> Any:
         if not labelled:
             return int(r.layer)
-        return f"{(r.stack or '')[:3]}{int(r.layer)}{'x' if r.attention == 'cross' else ''}"
+        from ..views import layer_label
+
+        return layer_label((r.stack or "", int(r.layer), r.attention))
 
     pick = lambda mask: [(where(r), int(r.head)) for r in table[mask].itertuples()]  # noqa: E731
     return HeadsResult(table, anatomy, src, pick(ranks <= lo), pick(ranks >= hi), (lo, hi), skipped)
