@@ -362,7 +362,8 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
             continue
         ctx = _context(skeleton, anchor)
         if ctx is None:
-            if e.role == "other" and layer is not None and len(e.shape) == 2 and rec is not None:
+            if e.role == "other" and layer is not None and rec is not None and (
+                    len(e.shape) == 2 or (rec.kind == "conv" and rec.in_features)):
                 e.role = _by_shape("mlp", rec, d_model) or e.role
             continue
         kind, ctx_path = ctx

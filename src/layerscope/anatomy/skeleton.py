@@ -117,7 +117,7 @@ def _cached(config_text: str) -> Skeleton | None:
 
 
 # -- the on-disk cache: the skeleton's facts (not the model), so a second `info` skips transformers --------
-CACHE_FORMAT = 1  # bump when Skeleton's fields or the way they are read change
+CACHE_FORMAT = 2  # bump when Skeleton's fields or the way they are read change
 _MISS = object()
 
 
@@ -246,6 +246,9 @@ def _kind(mod) -> tuple[str, int | None, int | None]:
     if "norm" in cls.lower():
         return "norm", None, None
     if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        k = mod.kernel_size
+        if all(x == 1 for x in k):  # a pointwise convolution is a (block-diagonal if grouped) Linear: SqueezeBERT
+            return "conv", mod.in_channels, mod.out_channels
         return "conv", None, None
     if isinstance(w, torch.Tensor) and w.dim() == 2:
         return "linear", w.shape[1], w.shape[0]
