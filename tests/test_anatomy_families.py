@@ -195,3 +195,72 @@ def test_heads_hybrid_skips_the_mamba_layer_with_its_reason(tmp_path):
     s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
     _check(result.table, result.table["layer"] == 1,
            {h: (s(q, h), s(k, h // 2), s(v, h // 2), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):
+    """The skeleton's facts are cached on disk keyed by (transformers version, config): a second
+    ``info`` reads them and never imports transformers, and gives the same anatomy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path, _ = _build("llama", tmp_path)
+    probe = ("import sys, json, layerscope; from layerscope.cli import main; rc = main(['info', sys.argv[1]]); "
+             "a = layerscope.inspect(sys.argv[1]); "
+             "print(json.dumps({'rc': rc, 'tf': 'transformers' in sys.modules, 'path': a.path, "
+             "'roles': sorted((n, e.role, e.layer) for n, e in a.entries.items())}))")
+    env = {**os.environ, "LAYERSCOPE_CACHE_DIR": str(_layerscope_cache_dir),
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["tf"] and not runs[1]["tf"]
+    assert runs[0]["rc"] == runs[1]["rc"] == 0
+    assert runs[0]["path"] == runs[1]["path"] == "skeleton"
+    assert runs[0]["roles"] == runs[1]["roles"]
+    assert list((_layerscope_cache_dir / "skeletons").glob("*.json"))
+
+
+def test_encoder_decoder_views_keep_encoder_and_decoder_layers_apart(tmp_path):
+    """analyze's rows carry the stack; the per-layer tables, heads tables and head labels group by
+    (stack, layer), so T5's encoder layer 0 and decoder layer 0 are separate rows. One-stack models
+    keep their table as it was (no stack column, integer layers)."""
+    import io
+
+    from rich.console import Console
+
+    from layerscope.report import depth
+    from layerscope.views import print_heads, print_summary
+
+    path, model = _build("t5", tmp_path)
+    res = layerscope.analyze(path, store=str(tmp_path / "s.sqlite"), metrics=["entropy_rank", "frobenius_norm"])
+    t = res.table
+    assert set(t[t["layer"].notna()]["stack"]) == {"encoder", "decoder"}
+    q = t[t["role"] == "attn.q"]
+    assert sorted(zip(q["stack"], q["layer"])) == [("decoder", 0), ("decoder", 1), ("encoder", 0), ("encoder", 1)]
+    buf = io.StringIO()
+    print_summary(res, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "enc L0" in text and "dec L0" in text and "dec L1" in text
+    # the encoder's q series is the encoder's own matrices, mean per layer
+    s = depth.layer_series(t, "encoder attn.q", "frobenius_norm")
+    want = q[q["stack"] == "encoder"].set_index("layer")["frobenius_norm"]
+    assert list(s.index) == [0, 1] and np.allclose(s.to_numpy(), want.sort_index().to_numpy())
+    assert "encoder attn.q" in depth.layered_roles(t) and "decoder attn.q" in depth.layered_roles(t)
+
+    h = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
+    labels = [w for w, _ in h.low_rank + h.high_rank]
+    assert labels and all(isinstance(w, str) and w.split(" ")[0] in ("enc", "dec") and " L" in w for w in labels)
+    buf = io.StringIO()
+    print_heads(h, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "enc L1" in text and "dec L1 cross" in text and "dec0x" not in text
+
+    path, _ = _build("llama", tmp_path)
+    one = layerscope.analyze(path, store=str(tmp_path / "s.sqlite"), metrics=["frobenius_norm"]).table
+    assert "stack" not in one.columns
+    assert layerscope.heads(path, store=str(tmp_path / "s.sqlite")).low_rank[0][0] in (0, 1)

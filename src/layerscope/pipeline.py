@@ -213,6 +213,7 @@ class _Runner:
         numel = int(np.prod(shape)) if shape else 1
         row: dict[str, Any] = {
             "name": f"{name}[{part.suffix}]" if part.suffix else name,
+            "stack": entry.stack,
             "layer": entry.layer,
             "role": part.role,
             "expert": part.expert,
@@ -310,8 +311,10 @@ def _resolve_tied(anatomy: Anatomy, hashes: dict[str, str]) -> None:
 
 
 def _table(rows: list[dict[str, Any]], metrics: list[Metric]) -> pd.DataFrame:
-    columns = ["name", "layer", "role", "expert", "shape", "dtype", "numel"] + [m.name for m in metrics] + ["error"]
+    columns = ["name", "stack", "layer", "role", "expert", "shape", "dtype", "numel"] + [m.name for m in metrics] + ["error"]
     table = pd.DataFrame(rows, columns=columns)
+    if (table["stack"].fillna("") == "").all():
+        table = table.drop(columns="stack")  # one stack: the table is as it always was
     table["layer"] = table["layer"].astype("Int64")
     table["expert"] = table["expert"].astype("Int64")
     if table["expert"].isna().all():

@@ -253,10 +253,11 @@ def print_summary(result: "AnalysisResult", console: Console | None = None) -> N
         if not roles:
             break
         sub = layered[layered["role"].isin(roles)]
-        pivot = sub.groupby(["layer", "role"])[metric].mean().unstack("role")
+        keys = layer_keys(sub)
+        pivot = sub.groupby(keys + ["role"])[metric].mean().unstack("role")
         if pivot.isna().all().all():
             continue
-        rows = [[str(layer), *[_fmt(row.get(r)) for r in roles]] for layer, row in pivot.iterrows()]
+        rows = [[layer_label(layer), *[_fmt(row.get(r)) for r in roles]] for layer, row in pivot.iterrows()]
         console.print(fitted_table(f"{metric} by layer and role", ["layer", *roles], rows, console.width))
     others = t[t["layer"].isna() & t["role"].isin(["embed.token", "embed.position", "embed.type", "lm_head"])]
     if len(others) and key:
@@ -286,7 +287,8 @@ def print_heads(result, console: Console | None = None) -> None:
             "ov_eig_positive_fraction": "OV λ>0", "ov_copying_score": "OV copy", "qk_spectral_norm": "QK ‖·‖₂",
             "ov_spectral_norm": "OV ‖·‖₂"}
     d = result.anatomy.dims
-    rows = [[str(layer), *[_fmt(float(grp[c].mean())) for c in cols]] for layer, grp in t.groupby("layer")]
+    groups = t.groupby(layer_keys(t) + (["attention"] if "attention" in t.columns else []), sort=False)
+    rows = [[layer_label(layer), *[_fmt(float(grp[c].mean())) for c in cols]] for layer, grp in groups]
     console.print(fitted_table(f"heads: {d.n_heads} query heads, {d.n_kv_heads} kv heads, head_dim {d.head_dim} "
                                f"(per-layer means)", ["layer", *cols.values()], rows, console.width))
     cats = result.categories
@@ -299,6 +301,28 @@ def print_heads(result, console: Console | None = None) -> None:
         console.print(f"{name} heads ({bound}): {fmt(heads) if heads else 'none'}")
     if not any(heads for _, heads, _ in cats.items()):
         console.print("no head stands out from random heads by these rules")
+
+
+STACK_SHORT = {"encoder": "enc", "decoder": "dec"}
+
+
+def layer_keys(table) -> list[str]:
+    """Group per-layer rows by (stack, layer) where a model has stacks (encoder-decoder), else by layer,
+    so encoder layer 0 and decoder layer 0 are never averaged together."""
+    if "stack" in table.columns and table["stack"].fillna("").nunique() > 1:
+        return ["stack", "layer"]
+    return ["layer"]
+
+
+def layer_label(key) -> str:
+    """``3`` -> "3"; ``("encoder", 0)`` -> "enc L0"; ``("decoder", 1, "cross")`` -> "dec L1 cross"."""
+    if not isinstance(key, tuple):
+        return str(key)
+    if len(key) == 1:
+        return str(key[0])
+    stack, layer, *rest = key
+    text = f"{STACK_SHORT.get(stack, stack)} L{layer}" if stack else str(layer)
+    return text + "".join(f" {r}" for r in rest if r and r != "self")
 
 
 def print_embeddings(result, console: Console | None = None) -> None:

@@ -131,7 +131,8 @@ class Anatomy:
 
     @property
     def stacks(self) -> list[str]:
-        return sorted({e.stack for e in self.entries.values()}, key=("encoder", "decoder", "").index)
+        order = ("encoder", "decoder", "")
+        return sorted({e.stack for e in self.entries.values()}, key=lambda s: (order.index(s) if s in order else 2, s))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,7 +241,7 @@ def build_anatomy(infos: dict[str, TensorInfo], config: dict[str, Any] | None = 
     if config and asdict(dims) != before:
         dims.source = "config+shapes"
     for e in entries.values():
-        if e.role in ("attn.qkv", "xattn.qkv"):
+        if e.role in ("attn.qkv", "xattn.qkv") and not e.layout:
             e.layout = fused.qkv_layout(family, config, e.name)
     anatomy = Anatomy(family=family, dims=dims, tied_embeddings=_tied(entries, config, family), entries=entries,
                       config=config, path="skeleton" if skeleton is not None else "names", attention=attention,
@@ -249,13 +250,21 @@ def build_anatomy(infos: dict[str, TensorInfo], config: dict[str, Any] | None = 
     return anatomy
 
 
-def _map_names(names: Iterable[str], params: list[str], modules: Iterable[str] = ()) -> dict[str, str]:
+def _map_names(names: Iterable[str], params: list[str], modules: Iterable[str] = (),
+               saved: dict[str, list[tuple[str, int]]] | None = None) -> dict[str, str]:
     """Checkpoint name -> skeleton parameter name, allowing a different head/prefix (``model.``, ``bert.``).
 
-    A name the skeleton does not have (``save_pretrained`` renames some, e.g. Kimi's ``forget_gate.f_a_proj``
-    is written ``f_a_proj``) is placed under its deepest enclosing module that the skeleton does have."""
+    Names ``save_pretrained`` writes differently from the module tree are first read through
+    transformers' own conversion (``saved``, see skeleton._saved_names); a name still unknown (e.g.
+    Kimi's ``forget_gate.f_a_proj`` written ``f_a_proj``) is placed under its deepest enclosing module
+    that the skeleton does have."""
+    names = list(names)
     exact = set(params)
-    out = _map_tails(names, params)
+    out: dict[str, str] = {}
+    if saved:
+        hits = _map_tails([n for n in names if n not in exact], list(saved))
+        out = {n: saved[s][0][0] for n, s in hits.items()}
+    out.update(_map_tails([n for n in names if n not in out], params))
     rest = [n for n in names if n not in out]
     if rest and modules:
         mods = [m for m in modules if m]
@@ -311,8 +320,28 @@ def _context(skeleton, owner: str) -> tuple[str, str] | None:
     return None
 
 
+def _fused_groups(names: Iterable[str], saved: dict[str, list[tuple[str, int]]]) -> dict[str, list[tuple[str, int]]]:
+    """Checkpoint names that hold several module parameters concatenated (HRM's gqkv_proj)."""
+    many = [s for s, group in saved.items() if len(group) > 1 and len({p for p, _ in group}) == len(group)]
+    return {n: saved[s] for n, s in _map_tails(names, many).items()} if many else {}
+
+
+def _fused_role(kind: str, inner_roles: list[str], group: list[tuple[str, int]]) -> tuple[str, str] | None:
+    """(role, layout) of a concatenation of attention projections: q, k, v (and gates) by row range."""
+    prefix = "xattn" if kind == "xattn" else "attn"
+    bounds, at = {}, 0
+    for role, (_, rows) in zip(inner_roles, group):
+        bounds.setdefault(role.split(".")[-1], (at, at + rows))
+        at += rows
+    if {"q", "k", "v"} <= set(bounds):
+        return f"{prefix}.qkv", "rows:" + ":".join(f"{bounds[k][0]}:{bounds[k][1]}" for k in "qkv")
+    return None
+
+
 def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> None:
-    mapping = _map_names(entries, skeleton.param_names, skeleton.layers)
+    saved = getattr(skeleton, "saved", None) or {}
+    mapping = _map_names(entries, skeleton.param_names, skeleton.layers, saved)
+    fused_groups = _fused_groups([n for n in entries if n not in set(skeleton.param_names)], saved)
     d_model = dims.d_model
     for name, e in entries.items():
         pname = mapping.get(name)
@@ -333,7 +362,8 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
             continue
         ctx = _context(skeleton, anchor)
         if ctx is None:
-            if e.role == "other" and layer is not None and len(e.shape) == 2 and rec is not None:
+            if e.role == "other" and layer is not None and rec is not None and (
+                    len(e.shape) == 2 or (rec.kind == "conv" and rec.in_features)):
                 e.role = _by_shape("mlp", rec, d_model) or e.role
             continue
         kind, ctx_path = ctx
@@ -352,6 +382,12 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
                 role = _by_shape(kind, rec, d_model)
         if role == "bias" and e.role == "norm":
             role = "norm"
+        group = fused_groups.get(name)
+        if group and kind in ("attn", "xattn"):
+            inner_roles = [classify_in_context(kind, p[len(ctx_path) + 1:] if ctx_path else p) or "" for p, _ in group]
+            fused_role = _fused_role(kind, inner_roles, group)
+            if fused_role:
+                role, e.layout = fused_role
         e.role = role
         if e.role.startswith("moe.expert") and e.expert is None:
             e.expert = expert_of(name)

@@ -8,7 +8,9 @@ Layouts (rows of the (out, in) matrix):
 - ``per_head``: [h0: q k v, h1: q k v, ...] — GPT-NeoX, BLOOM, Persimmon, classic Falcon (MHA),
   ``gpt_bigcode`` without multi-query;
 - ``grouped``: [g0: q·(n_heads/n_kv) k v, g1: ...] — Falcon ``new_decoder_architecture`` (40B/180B GQA);
-- ``mp4``: CodeGen's four model-parallel blocks, each [q | v | k] (note the order).
+- ``mp4``: CodeGen's four model-parallel blocks, each [q | v | k] (note the order);
+- ``rows:q0:q1:k0:k1:v0:v1``: explicit row ranges, read from transformers' own conversion of a
+  checkpoint tensor into module parameters (HRM's ``gqkv_proj`` = [gate | q | k | v]).
 
 Every analysis reads these cuts through :meth:`Anatomy.parts` / :meth:`Anatomy.split_qkv`.
 """
@@ -63,6 +65,9 @@ def qkv_selector(layout: str, key: str, n_heads: int | None, n_kv: int | None, h
             blocks = w.reshape(n_kv, g + 2, hd, cols)
             part = blocks[:, :g] if key == "q" else blocks[:, g + index - 1:g + index]
             return part.reshape(-1, cols)
+        if layout.startswith("rows:"):
+            b = [int(x) for x in layout.split(":")[1:]]
+            return w[b[2 * index]:b[2 * index + 1]]
         if layout == "mp4" and rows % 12 == 0:
             local = rows // 12
             order = {"q": 0, "v": 1, "k": 2}[key]

@@ -91,6 +91,8 @@ ROLE_RULES: list[tuple[str, re.Pattern]] = [
 CONTEXT_RULES: dict[str, list[tuple[str, re.Pattern]]] = {
     "attn": [
         _rule("norm", NORM_MODULE + r"\.(?:weight|bias|scale)"),
+        # DeepSeek-V3.2-style lightning indexers and KV compressors score / shrink tokens: not the heads' q/k
+        _rule("attn.aux", r"(?:indexer|compressor)\.[\w.]+"),
         _rule("attn.q_a", r"q_a_proj\.weight"), _rule("attn.q_b", r"q_b_proj\.weight"),
         _rule("attn.kv_a", r"kv_a_proj(?:_with_mqa)?\.weight"), _rule("attn.kv_b", r"kv_b_proj\.weight"),
         _rule("attn.qkv", r"(?:c_attn|query_key_value|qkv_proj|Wqkv|qkv|in_proj|qkv_linear|gqkv_proj)\.weight"),

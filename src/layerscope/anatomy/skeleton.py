@@ -6,8 +6,9 @@ and its module tree says what names cannot: which module owns a projection (an a
 cross-attention, an SSM / linear-attention mixer, an MLP, an expert block), each Linear's in/out
 features, GPT-2-style ``Conv1D`` layouts, the attention modules' own ``num_heads`` /
 ``num_key_value_heads`` / ``head_dim``, which layers of a hybrid have softmax attention, and which
-stack (encoder / decoder) a layer belongs to. Building is the expensive bit, so a skeleton is cached
-per config (its JSON text). ``transformers`` is imported here only, inside :func:`build_skeleton`.
+stack (encoder / decoder) a layer belongs to. Building is the expensive bit (importing transformers
+alone is ~1 s), so a skeleton is cached per config in memory and on disk (its facts as JSON, keyed by
+the transformers version and the config's text). ``transformers`` is imported here only, on a miss.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Skeleton:
     stacks: list[str]
     n_layers: dict[str, int] = field(default_factory=dict)  # per stack
     shared_layers: bool = False  # ALBERT: one set of weights used by every layer
+    #: the names ``save_pretrained`` writes -> the module parameters each holds, in order, with their row
+    #: counts (transformers' own weight conversion: HRM's fused gqkv_proj, Bailing's attention -> self_attn)
+    saved: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
@@ -98,10 +102,77 @@ def build_skeleton(config: dict[str, Any] | None) -> Skeleton | None:
 
 @lru_cache(maxsize=16)
 def _cached(config_text: str) -> Skeleton | None:
+    path = _disk_path(config_text)
+    if path is not None:
+        hit = _load(path)
+        if hit is not _MISS:
+            return hit
     try:
-        return _build(json.loads(config_text))
+        skeleton = _build(json.loads(config_text))
     except Exception:  # noqa: BLE001 - an unbuildable config falls back to the name rules
+        skeleton = None
+    if path is not None:
+        _save(path, skeleton)
+    return skeleton
+
+
+# -- the on-disk cache: the skeleton's facts (not the model), so a second `info` skips transformers --------
+CACHE_FORMAT = 2  # bump when Skeleton's fields or the way they are read change
+_MISS = object()
+
+
+def _disk_path(config_text: str):
+    """``<cache dir>/skeletons/<sha256(format, transformers version, config)>.json``, or None (no
+    transformers installed, or LAYERSCOPE_SKELETON_CACHE=0). The version comes from the package
+    metadata, which is cheap; importing transformers is what the cache avoids."""
+    import hashlib
+    import os
+    from importlib import metadata
+
+    if os.environ.get("LAYERSCOPE_SKELETON_CACHE", "1") == "0":
         return None
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+    from ..config import Config
+
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{version}\0{config_text}".encode()).hexdigest()
+    return Config().resolved_store().parent / "skeletons" / f"{key}.json"
+
+
+def _load(path) -> Skeleton | None | object:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return _MISS
+    try:
+        if data.get("skeleton") is None:
+            return None
+        d = data["skeleton"]
+        return Skeleton(
+            d["model_type"], d["model_class"], {k: ModuleRecord(**v) for k, v in d["modules"].items()},
+            {k: tuple(v) for k, v in d["contexts"].items()},
+            {k: AttentionRecord(**v) for k, v in d["attention"].items()},
+            {k: tuple(v) for k, v in d["layers"].items()}, list(d["param_names"]), list(d["stacks"]),
+            dict(d["n_layers"]), bool(d["shared_layers"]),
+            {k: [tuple(x) for x in v] for k, v in d["saved"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _MISS  # an older or damaged entry: rebuild and overwrite it
+
+
+def _save(path, skeleton: Skeleton | None) -> None:
+    """Written atomically (temp file + rename), so a concurrent reader never sees half a file."""
+    import os
+    from dataclasses import asdict
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"skeleton": asdict(skeleton) if skeleton is not None else None}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only costs the rebuild
 
 
 def _model_class(transformers, cfg, config: dict[str, Any]):
@@ -175,6 +246,9 @@ def _kind(mod) -> tuple[str, int | None, int | None]:
     if "norm" in cls.lower():
         return "norm", None, None
     if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        k = mod.kernel_size
+        if all(x == 1 for x in k):  # a pointwise convolution is a (block-diagonal if grouped) Linear: SqueezeBERT
+            return "conv", mod.in_channels, mod.out_channels
         return "conv", None, None
     if isinstance(w, torch.Tensor) and w.dim() == 2:
         return "linear", w.shape[1], w.shape[0]
@@ -199,6 +273,11 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
     layers: dict[str, tuple[str, int | None]] = {}
     n_layers: dict[str, int] = {}
     stacks: list[str] = []
+    # several sibling stacks of blocks that are not encoder/decoder (HRM's H_module / L_module, BLT's
+    # local encoder / global transformer): each is a stack named by the module holding its list
+    blocks = [p for p in layer_lists if any(True for _ in named[p][0].children())]  # blocks, not lists of Linears
+    top = [p for p in blocks if not any(p.startswith(q + ".") for q in layer_lists if q != p)]
+    own_names = len(top) > 1 and len({_stack_of(p + ".") for p in top}) < len(top)
     for path in named:
         stack = _stack_of(path)
         layer = None
@@ -208,6 +287,9 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
                 rest = path[len(prefix):].split(".", 1)[0]
                 if rest.isdigit():
                     layer = int(rest)
+                    if own_names and lst in top and not stack:
+                        parts = lst.split(".")
+                        stack = parts[-2] if len(parts) > 1 and parts[-2] not in ("model", "transformer") else parts[-1]
                     break  # parents come first: the outermost list of blocks
         layers[path] = (stack, layer)
         if layer is not None:
@@ -249,8 +331,54 @@ def _read(model, model_type: str, class_name: str, cfg) -> Skeleton:
     # nested attention wrappers (T5LayerSelfAttention around T5Attention): the innermost one describes the heads
     attention = {p: a for p, a in attention.items() if not any(q.startswith(p + ".") for q in attention)}
     skeleton = Skeleton(model_type, class_name, modules, contexts, attention, layers, param_names, stacks or [""],
-                        n_layers, shared_layers=_shared(model_type, text_cfg, n_layers))
+                        n_layers, shared_layers=_shared(model_type, text_cfg, n_layers), saved=_saved_names(model))
     return skeleton
+
+
+def _saved_names(model) -> dict[str, list[tuple[str, int]]]:
+    """What ``save_pretrained`` calls each parameter, following transformers' own reverse conversion
+    (``revert_weight_conversion``) with provenance: saved name -> [(module parameter, rows)], only
+    where the name changes. Empty when this transformers has no conversions for the model."""
+    try:
+        from copy import deepcopy
+
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming, apply_converters,
+                                                     apply_renamings)
+
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    except Exception:  # noqa: BLE001 - older transformers: names are saved as they are
+        return {}
+    if not conversions:
+        return {}
+    out: dict[str, list[tuple[str, int]]] = {}
+    try:
+        reverse = [c.reverse_transform() for c in conversions[::-1]]
+        renamings = [c for c in reverse if isinstance(c, WeightRenaming)]
+        converters = [c for c in reverse if isinstance(c, WeightConverter)]
+        by_pattern = {k: c for c in converters for k in c.source_patterns}
+        groups: dict[str, Any] = {}
+        members: dict[str, list[str]] = {}
+        params = dict(model.named_parameters())
+        for name in sorted(params):
+            renamed, pattern = apply_converters(name, converters)
+            if pattern is None:
+                saved = apply_renamings(name, renamings)
+                if saved != name:
+                    out[saved] = [(name, int(params[name].shape[0]) if params[name].dim() else 1)]
+                continue
+            conv = groups.setdefault(renamed, deepcopy(by_pattern[pattern]))
+            conv.add_tensor(renamed, name, pattern, params[name])
+            members.setdefault(renamed, []).append(name)
+        for first, conv in groups.items():
+            realized = conv.convert(first, model=model, config=model.config)
+            names = members[first]
+            rows = [(n, int(params[n].shape[-2]) if params[n].dim() >= 2 else 1) for n in names]
+            for target in realized:
+                out[apply_renamings(target, renamings)] = rows
+    except Exception:  # noqa: BLE001 - a conversion we cannot replay on meta tensors: keep what was found
+        pass
+    return out
 
 
 def _stack_of(path: str) -> str:

@@ -306,7 +306,10 @@ def _heads_section(m: ModelData, figures: Path, suffix: str) -> Section:
     if not any(heads for _, heads, _ in cats.items()):
         lines.append("Nothing stands out: every head is within the range of random heads by these rules.")
     sec.blocks.append(Items(lines))
-    means = h.table.groupby("layer")[["qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score"]].mean()
+    from ..views import layer_keys
+
+    keys = layer_keys(h.table) + (["attention"] if "attention" in h.table.columns else [])
+    means = h.table.groupby(keys, sort=False)[["qk_entropy_rank", "ov_entropy_rank", "qk_asymmetry", "ov_copying_score"]].mean()
     sec.blocks.append(TableBlock(means.reset_index(), "per-layer means over heads"))
     return sec
 

@@ -47,8 +47,16 @@ OUTLIER_RULE = (
 )
 
 
+def _stacked(table: pd.DataFrame) -> bool:
+    return "stack" in table.columns and table["stack"].fillna("").nunique() > 1
+
+
 def layer_series(table: pd.DataFrame, role: str, metric: str) -> pd.Series:
-    """``metric`` of ``role`` by layer (mean over experts and duplicate rows), NaN-free, sorted."""
+    """``metric`` of ``role`` by layer (mean over experts and duplicate rows), NaN-free, sorted.
+    With stacks (encoder-decoder) ``role`` reads "encoder attn.q": one stack's layers only."""
+    if _stacked(table) and " " in role:
+        stack, role = role.split(" ", 1)
+        table = table[table["stack"] == stack]
     rows = table[(table["role"] == role) & table["layer"].notna()]
     if metric not in rows or rows.empty:
         return pd.Series(dtype=float)
@@ -62,6 +70,12 @@ def layered_roles(table: pd.DataFrame) -> list[str]:
     from ..views import MATRIX_ROLE_ORDER
 
     rows = table[table["layer"].notna() & table["shape"].astype(str).str.contains("×")]
+    if _stacked(table):  # encoder-decoder: each stack's weight types are their own series ("encoder attn.q")
+        out = []
+        for stack in [s for s in ("encoder", "decoder") if s in set(rows["stack"])] + sorted(
+                s for s in set(rows["stack"].fillna("")) if s not in ("encoder", "decoder")):
+            out += [f"{stack} {r}" if stack else r for r in layered_roles(rows[rows["stack"] == stack].drop(columns="stack"))]
+        return out
     counts = rows.groupby("role")["layer"].nunique()
     present = [r for r in counts.index if counts[r] >= 2]
     return [r for r in MATRIX_ROLE_ORDER if r in present] + sorted(r for r in present if r not in MATRIX_ROLE_ORDER)

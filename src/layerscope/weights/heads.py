@@ -338,7 +338,8 @@ class HeadCategories:
                 ("anti-copying OV", self.anti_copying, f"OV copying score < {clo:.3g}")]
 
 
-def categorise(table: pd.DataFrame, head_dim: int, d_model: int, seed: int = 0) -> HeadCategories:
+def categorise(table: pd.DataFrame, head_dim: int, d_model: int, seed: int = 0,
+               where: Callable[[Any], Any] = lambda r: int(r.layer)) -> HeadCategories:
     """Heads whose QK rank or OV copying score is far from random heads' (see ``CATEGORY_RULE``)."""
     null = head_null(head_dim, d_model, seed=seed)
     mean, sd = null.qk_entropy_rank
@@ -346,14 +347,16 @@ def categorise(table: pd.DataFrame, head_dim: int, d_model: int, seed: int = 0) 
     cmean, csd = null.ov_copying_score
     cmargin = max(NULL_SDS * csd, COPY_FLOOR)
     rank_bounds, copy_bounds = (mean - margin, mean + margin), (cmean - cmargin, cmean + cmargin)
-    pick = lambda mask: [(int(r.layer), int(r.head)) for r in table[mask.fillna(False)].itertuples()]  # noqa: E731
+    pick = lambda mask: [(where(r), int(r.head)) for r in table[mask.fillna(False)].itertuples()]  # noqa: E731
     ranks, copy = table["qk_entropy_rank"], table["ov_copying_score"]
     return HeadCategories(null, head_dim, pick(ranks < rank_bounds[0]), pick(ranks > rank_bounds[1]),
                           pick(copy > copy_bounds[1]), pick(copy < copy_bounds[0]), rank_bounds, copy_bounds)
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer} H{head}"
+def head_label(where: Any, head: int) -> str:
+    """"L4 H11" for a single-stack model (never "4.11", which reads as a decimal); with stacks the layer
+    label carries the stack: "enc L0 H3", "dec L1 cross H2"."""
+    return f"{where} H{head}" if isinstance(where, str) else f"L{where} H{head}"
 
 
 @dataclass
@@ -412,5 +415,12 @@ def heads(source: Any, config: Config | None = None, *, revision: str | None = N
         raise LayerscopeError(f"{src.label}: no softmax-attention layer could be analysed ({len(skipped)} skipped; "
                               f"first: {first})")
     table = pd.DataFrame(rows)
+    def where(r) -> Any:
+        if not labelled:
+            return int(r.layer)
+        from ..views import layer_label
+
+        return layer_label((r.stack or "", int(r.layer), r.attention))
+
     d_model = int(d.d_model or att.q.shape[1])
-    return HeadsResult(table, anatomy, src, categorise(table, d.head_dim, d_model, config.seed), skipped)
+    return HeadsResult(table, anatomy, src, categorise(table, d.head_dim, d_model, config.seed, where), skipped)
