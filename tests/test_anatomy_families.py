@@ -253,8 +253,17 @@ def test_encoder_decoder_views_keep_encoder_and_decoder_layers_apart(tmp_path):
     assert "encoder attn.q" in depth.layered_roles(t) and "decoder attn.q" in depth.layered_roles(t)
 
     h = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
-    labels = [w for w, _ in h.low_rank + h.high_rank]
-    assert labels and all(isinstance(w, str) and w.split(" ")[0] in ("enc", "dec") and " L" in w for w in labels)
+    labels = [w for _, heads_, _ in h.categories.items() for w, _ in heads_]
+    assert all(isinstance(w, str) and w.split(" ")[0] in ("enc", "dec") and " L" in w for w in labels)
+    # non-vacuous: every head made "low-rank" goes through the same stack-aware labels
+    from layerscope.views import layer_label
+    from layerscope.weights.heads import categorise, head_label
+
+    flat = h.table.assign(qk_entropy_rank=0.0)
+    cats = categorise(flat, h.anatomy.dims.head_dim, h.anatomy.dims.d_model, 0,
+                      lambda r: layer_label((r.stack, int(r.layer), r.attention)))
+    shown = {head_label(w, k) for w, k in cats.low_rank}
+    assert len(shown) == len(h.table) and "enc L0 H0" in shown and "dec L1 cross H1" in shown
     buf = io.StringIO()
     print_heads(h, Console(file=buf, width=200))
     text = buf.getvalue()
@@ -263,4 +272,5 @@ def test_encoder_decoder_views_keep_encoder_and_decoder_layers_apart(tmp_path):
     path, _ = _build("llama", tmp_path)
     one = layerscope.analyze(path, store=str(tmp_path / "s.sqlite"), metrics=["frobenius_norm"]).table
     assert "stack" not in one.columns
-    assert layerscope.heads(path, store=str(tmp_path / "s.sqlite")).low_rank[0][0] in (0, 1)
+    single = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
+    assert "stack" not in single.table.columns and all(isinstance(w, int) for w, _ in single.low_rank + single.high_rank)
