@@ -128,8 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(rn)
     rn.add_argument("--out", default="layerscope-out", help="output folder (default layerscope-out)")
     rn.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters")
+    rn.add_argument("--skip", default="", help="comma-separated stages to leave out: embeddings, clusters, probe")
     _add_store(rn)
+
+    pr = sub.add_parser("probe", help="run the model on data: loss, and Hessian curvature with --hessian")
+    _add_common(pr)
+    pr.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk folder "
+                                   "(default: the Python reference's help topics, see README)")
+    pr.add_argument("--text-field", help="field/column holding the text in .jsonl, .parquet and datasets (default text)")
+    pr.add_argument("--seq-len", type=int, help="tokens per window (default min(128, the model's positions))")
+    pr.add_argument("--batches", type=int, default=4, help="batches (default 4)")
+    pr.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    pr.add_argument("--seed", type=int, help="seed for the windows drawn, masking and random vectors (default 0)")
+    pr.add_argument("--device", help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
+    pr.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+    pr.add_argument("--hessian", action="store_true", help="Hessian: top-k and min eigenvalues, trace, density, per block")
+    pr.add_argument("--top-k", type=int, default=5, help="Hessian eigenvalues to report (default 5)")
+    pr.add_argument("--tol", type=float, default=1e-4, help="Lanczos stop: Ritz residual ≤ tol·max|θ| (default 1e-4)")
+    pr.add_argument("--max-iter", type=int, default=100, help="Lanczos steps at most (default 100)")
+    pr.add_argument("--trace-samples", type=int, default=100, help="Hutchinson samples at most (default 100)")
+    pr.add_argument("--trace-rel-error", type=float, default=0.05, help="stop the trace at this s.e./|trace| (default 0.05; 0: fixed budget)")
+    pr.add_argument("--density-runs", type=int, default=4, help="SLQ runs (default 4)")
+    pr.add_argument("--density-steps", type=int, default=40, help="Lanczos steps per SLQ run (default 40)")
+    pr.add_argument("--blocks", default="layer,type", help="block families for per-block curvature: layer, type, or none")
+    pr.add_argument("--out", help="write everything as JSON")
+    pr.add_argument("--plot", help="folder for the density and per-layer curvature figures")
+    _add_store(pr)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
@@ -350,13 +374,46 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .run import run
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"embeddings", "clusters"}
+    unknown = skip - {"embeddings", "clusters", "probe"}
     if unknown:
-        raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters)")
+        raise LayerscopeError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))} (known: embeddings, clusters, probe)")
     result = run(args.path, _config(args), out=args.out, revision=args.revision, skip=skip, console=console)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
     console.print(f"[bold]report:[/bold] {result.html}  (Markdown: {result.markdown}; {result.seconds:.1f} s in all: {stages})")
     return 1 if any(m.analysis.unreadable for m in result.models) else 0
+
+
+def cmd_probe(args: argparse.Namespace, console: Console) -> int:
+    from .probes.curvature import HessianOptions
+    from .probes.probe import print_probe, probe
+
+    config = _config(args)
+    hessian: Any = False
+    if args.hessian:
+        blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip() and b.strip() != "none")
+        hessian = HessianOptions(top_k=args.top_k, tol=args.tol, max_iter=args.max_iter,
+                                 trace_max=args.trace_samples, trace_min=min(10, args.trace_samples),
+                                 trace_rel_error=args.trace_rel_error or None, density_runs=args.density_runs,
+                                 density_steps=args.density_steps, blocks=blocks, seed=config.seed)
+    if args.out and not args.out.lower().endswith(".json"):
+        raise LayerscopeError(f"--out must be a .json file, got {args.out}")
+    with ProgressDisplay("probe") as progress:
+        result = probe(args.path, args.data, hessian=hessian, text_field=args.text_field, seq_len=args.seq_len,
+                       batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
+                       dtype=args.dtype, config=config, revision=args.revision, progress=progress.update)
+    print_probe(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot and result.hessian is not None:
+        from .probes.figures import block_curvature, hessian_density
+
+        h = result.hessian
+        paths = [hessian_density(h.density, args.plot, result.model.label.rsplit("/", 1)[-1],
+                                 top=float(h.eigenvalues["eigenvalue"].iloc[0]), bottom=h.bottom["eigenvalue"])]
+        if len(h.blocks) and (h.blocks["kind"] == "layer").any():
+            paths.append(block_curvature(h.blocks, args.plot, result.model.label.rsplit("/", 1)[-1]))
+        console.print(f"wrote {len(paths)} figures to {args.plot}")
+    return 0
 
 
 def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
@@ -375,7 +432,7 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
-            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run,
+            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe,
             "metrics": cmd_metrics}
 
 

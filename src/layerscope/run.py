@@ -17,7 +17,12 @@ from .config import Config
 from .report import Report, collect, report
 from .views import ProgressDisplay
 
-STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters")
+STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters", "probe")
+
+#: The probe stage's budget: a quick look at curvature (``layerscope probe --hessian`` goes further).
+RUN_PROBE = dict(batches=2, batch_size=4, hessian=dict(top_k=5, max_iter=60, trace_min=10, trace_max=30,
+                                                       density_runs=2, density_steps=30, blocks=("layer",),
+                                                       block_max_iter=20))
 
 
 def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscope-out", revision: str | None = None,
@@ -52,6 +57,9 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
 
         data = collect(source, config, embeddings=False if "embeddings" in skip else True,
                        clusters=False if "clusters" in skip else True, progress=update)
+        if "probe" not in skip:
+            data.probe = run_probe(path, source, config, revision, data.notes,
+                                   lambda name, done, total: update("probe", done, total))
         update("report", 0, 1)
         out.mkdir(parents=True, exist_ok=True)
         data.analysis.save(out / "analysis.csv")
@@ -61,6 +69,8 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
             data.embeddings.save(out / "embeddings.json")
         if data.clusters is not None:
             data.clusters.save(out / "clusters.json")
+        if data.probe is not None:
+            data.probe.save(out / "probe.json")
         result = report([], config, out=out / "report.html", markdown=out / "report.md", models=[data])
         update("report", 1, 1)
         display.update("all stages", len(stages), len(stages))
@@ -70,3 +80,15 @@ def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscop
     result.stage_seconds = {n: (began[names[i + 1]] if i + 1 < len(names) else ended) - began[n]
                             for i, n in enumerate(names)}
     return result
+
+
+def run_probe(path: Any, source: Any, config: Config, revision: str | None, notes: list[str], progress) -> Any:
+    """The probe stage: the loss and a quick Hessian when the model can run; otherwise the reason, as a note."""
+    from .errors import LayerscopeError
+    from .probes.probe import probe
+
+    try:
+        return probe(path, None, config=config, revision=revision, progress=progress, **RUN_PROBE)
+    except LayerscopeError as exc:
+        notes.append(f"probe: skipped: {exc}")
+        return None

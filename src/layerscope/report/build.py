@@ -32,6 +32,7 @@ class ModelData:
     embeddings: Any = None  # EmbeddingsResult
     clusters: Any = None  # ClustersResult
     notes: list[str] = field(default_factory=list)
+    probe: Any = None  # probes.ProbeResult (the model run on data), when it was run
 
     @property
     def table(self) -> pd.DataFrame:
@@ -223,6 +224,8 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
             sections.append(_embeddings_section(m, figures, suffix))
         if m.clusters is not None:
             sections.append(_clusters_section(m, figures, suffix))
+        if m.probe is not None:
+            sections.append(_probe_section(m, figures, suffix))
     if many:
         sections.append(_comparison_section(models, figures, compare_result))
     for m in models:
@@ -341,6 +344,41 @@ def _comparison_section(models: list[ModelData], figures: Path, compare_result: 
             ]))
     if compare_result.mismatch:
         sec.blocks.append(Items([f"{label}: {p}" for label, ps in compare_result.mismatch.items() for p in ps]))
+    return sec
+
+
+def _probe_section(m: ModelData, figures: Path, suffix: str) -> Section:
+    """The model run on data: loss, Hessian curvature summary, density and per-layer curvature."""
+    p = m.probe
+    d = p.data
+    sec = Section("On data: loss and curvature" + suffix, [Text(
+        f"The model run on {d.description}: {d.n_batches} batches, {d.tokens:,} target tokens (data hash "
+        f"{d.hash[:12]}). Loss = mean token cross-entropy {p.loss.loss:.4f} nats, perplexity {p.loss.perplexity:.4g}.")])
+    h = p.hessian
+    if h is None:
+        return sec
+    from ..probes.figures import block_curvature, hessian_density
+
+    s = h.summary()
+    verdict = ("no negative eigenvalue beyond its Ritz residual: a minimum on these batches" if h.is_minimum else
+               f"the most negative eigenvalue is {s['negative_to_top_ratio']:.3g} × the largest: a saddle on these batches")
+    rows = [("top eigenvalue λ_max", f"{s['top_eigenvalue']:.6g} (Ritz residual {s['top_residual']:.1e})"),
+            ("most negative eigenvalue λ_min", f"{s['min_eigenvalue']:.6g} (residual {s['min_residual']:.1e})"),
+            ("trace", f"{s['trace']:.6g} ± {s['trace_std_error']:.2g} (Hutchinson, {s['trace_samples']} samples)"),
+            ("Lanczos", f"{s['lanczos_iterations']} steps, {'converged' if s['converged'] else 'not converged'}"),
+            ("parameters", f"{s['parameters']:,}"), ("verdict", verdict)]
+    sec.blocks.append(TableBlock(pd.DataFrame(rows, columns=["Hessian of the loss", "value"])))
+    sec.blocks.append(TableBlock(h.eigenvalues, "top eigenvalues with their Ritz residuals"))
+    sec.blocks.append(Text("Eigenvalues by Lanczos with full reorthogonalisation, stopped when every reported Ritz "
+                           "residual is at most tol·|λ_max| (a true eigenvalue lies within its residual). Density by "
+                           "stochastic Lanczos quadrature (Gaussian-smoothed)."))
+    slug = figures / _slug(m.label)
+    sec.blocks.append(Figure(hessian_density(h.density, slug, m.label, top=s["top_eigenvalue"], bottom=s["min_eigenvalue"]),
+                             "Hessian spectral density (log scale)"))
+    if len(h.blocks) and (h.blocks["kind"] == "layer").any():
+        sec.blocks.append(Figure(block_curvature(h.blocks, slug, m.label), "top eigenvalue and trace of each layer's block"))
+        cols = ["kind", "block", "parameters", "top_eigenvalue", "min_eigenvalue", "trace", "trace_std_error"]
+        sec.blocks.append(TableBlock(h.blocks[cols], "curvature per block (Hessian restricted to the block)", max_rows=80))
     return sec
 
 

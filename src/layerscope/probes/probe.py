@@ -1,0 +1,177 @@
+"""``layerscope.probe(...)``: load the model and the data once, then run the requested probes.
+
+Each probe is a step that takes the shared :class:`Objective` and returns its result; the loss is
+always computed (it is what every probe refers back to). A new probe (Fisher, landscape, ...) is one
+more entry in :data:`STEPS` and one more flag; results come back in ``ProbeResult.results[name]``.
+Everything is stored under (weights hash : data hash, part, parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from ..config import Config
+from ..errors import LayerscopeError
+from .curvature import HessianOptions, HessianResult, hessian_probe
+from .data import ProbeData, load_data
+from .model import RunnableModel, load_model
+from .objective import LossResult, Objective
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ProbeResult:
+    """model: the RunnableModel; data: the batches (``data.hash``, ``data.description``); loss: the
+    mean token cross-entropy and perplexity; results: one entry per probe run (``"hessian"`` ->
+    HessianResult, ...)."""
+
+    model: RunnableModel
+    data: ProbeData
+    loss: LossResult
+    results: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def hessian(self) -> HessianResult | None:
+        return self.results.get("hessian")
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The DataFrames: per-parameter anatomy, and each probe's tables."""
+        out = {"parameters": self.model.param_table()}
+        if self.hessian is not None:
+            out["hessian_eigenvalues"] = self.hessian.eigenvalues
+            out["hessian_blocks"] = self.hessian.blocks
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model": self.model.label, "kind": self.model.kind, "weights_hash": self.model.weights_hash,
+               "parameters": self.model.parameter_count, "device": str(self.model.device),
+               "dtype": str(self.model.dtype).removeprefix("torch."),
+               "data": {"description": self.data.description, "hash": self.data.hash, "tokens": self.data.tokens,
+                        **self.data.params},
+               "loss": {"loss": self.loss.loss, "perplexity": self.loss.perplexity, "tokens": self.loss.tokens,
+                        "batches": self.loss.batches}, "seconds": self.seconds}
+        for name, r in self.results.items():
+            out[name] = r.to_dict() if hasattr(r, "to_dict") else r
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.suffix.lower() != ".json":
+            raise LayerscopeError(f"--out must be a .json file, got {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True, default=_jsonable))
+        os.replace(tmp, path)
+        return path
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def _hessian_step(objective: Objective, options: dict, store: Any, key: str, cache: bool, progress: Progress | None):
+    opts = options.get("hessian")
+    if not isinstance(opts, HessianOptions):
+        opts = HessianOptions(**(opts or {}))
+    return hessian_probe(objective, opts, store=store, key=key, cache=cache, progress=progress)
+
+
+#: name -> step(objective, options, store, key, cache, progress). Probes are run in this order.
+STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step}
+
+
+def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict = False, loss_fn: Callable | None = None,
+          text_field: str | None = None, seq_len: int | None = None, batches: int = 4, batch_size: int = 8,
+          seed: int = 0, device: str | None = None, dtype: str | None = None, config: Config | None = None,
+          revision: str | None = None, progress: Progress | None = None, **probe_options: Any) -> ProbeResult:
+    """Run ``model`` (a checkpoint path, hub id, nn.Module or RunnableModel) on ``data`` and probe it.
+
+    hessian: True (defaults), a HessianOptions, or a dict of its fields. loss_fn: for a module that is
+    not a transformers LM; ``data`` is then its ``[(inputs, targets), ...]`` batches (PyHessian and
+    curvlinops' call shape). Without ``data`` an LM is evaluated on the default text
+    (``probes.data.default_text``)."""
+    from ..store import Store
+
+    started = time.perf_counter()
+    config = config or Config()
+    device = device or config.device
+    store = Store(config.resolved_store())
+    try:
+        runnable = load_model(model, device=device, dtype=dtype, revision=revision, store=store, loss_fn=loss_fn)
+        probe_data = load_data(runnable, data, text_field=text_field, seq_len=seq_len, batches=batches,
+                               batch_size=batch_size, seed=seed)
+        objective = Objective(runnable, probe_data)
+        key = f"{runnable.weights_hash}:{probe_data.hash}"
+        dtype_tag = json.dumps({"dtype": str(runnable.dtype).removeprefix("torch.")})
+        stored = store.artifact(key, "loss", dtype_tag) if config.cache else None
+        if stored is None:
+            loss = objective.evaluate()
+            store.put_artifact(key, "loss", dtype_tag, loss.__dict__)
+        else:
+            loss = LossResult(**stored)
+        options = {"hessian": hessian if not isinstance(hessian, bool) else {}, **probe_options}
+        wanted = {"hessian": bool(hessian)}
+        result = ProbeResult(runnable, probe_data, loss)
+        for name, step in STEPS.items():
+            if wanted.get(name):
+                result.results[name] = step(objective, options, store, key, config.cache, progress)
+    finally:
+        store.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def print_probe(result: ProbeResult, console: Any = None) -> None:
+    """Console view: model and data, the loss, then each probe's summary and tables."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..views import _fmt, human_count
+
+    console = console or Console()
+    m, d = result.model, result.data
+    console.print(escape(f"{m.label}: {m.kind} model, {human_count(m.parameter_count)} parameters probed, "
+                         f"{str(m.dtype).removeprefix('torch.')} on {m.device}"))
+    console.print(escape(f"data: {d.description}; {d.n_batches} batches, {d.tokens:,} target tokens; hash {d.hash[:12]}"))
+    console.print(f"[bold]loss[/bold] {result.loss.loss:.4f} nats/token, perplexity {_fmt(result.loss.perplexity)}")
+    h = result.hessian
+    if h is None:
+        return
+    s = h.summary()
+    table = Table(title=f"Hessian top-{len(h.eigenvalues)} eigenvalues (Lanczos, {s['lanczos_iterations']} steps, "
+                        f"{'converged' if s['converged'] else 'NOT converged'})", title_justify="left")
+    for col in ("rank", "eigenvalue", "Ritz residual"):
+        table.add_column(col, justify="right")
+    for row in h.eigenvalues.itertuples():
+        table.add_row(str(row.rank), f"{row.eigenvalue:.6g}", f"{row.residual:.2e}")
+    table.add_row("min", f"{h.bottom['eigenvalue']:.6g}", f"{h.bottom['residual']:.2e}")
+    console.print(table)
+    verdict = "a minimum (no negative eigenvalue beyond its residual)" if h.is_minimum else \
+        f"not a minimum: λ_min/λ_max = {s['negative_to_top_ratio']:.3g}"
+    console.print(f"trace {s['trace']:.6g} ± {s['trace_std_error']:.2g} (Hutchinson, {s['trace_samples']} Rademacher "
+                  f"samples); {verdict}")
+    if len(h.blocks):
+        table = Table(title="curvature per block (Hessian restricted to the block)", title_justify="left")
+        for col in ("kind", "block", "parameters", "top eigenvalue", "min eigenvalue", "trace ± s.e."):
+            table.add_column(col, justify="left" if col in ("kind", "block") else "right")
+        for r in h.blocks.itertuples():
+            table.add_row(r.kind, escape(str(r.block)), f"{r.parameters:,}", f"{r.top_eigenvalue:.4g}",
+                          f"{r.min_eigenvalue:.4g}", f"{r.trace:.4g} ± {r.trace_std_error:.2g}")
+        console.print(table)
+    console.print(f"{h.hvps} Hessian-vector products in {h.seconds:.1f} s"
+                  + (f" (micro-batch {h.micro_batch} after CUDA out-of-memory)" if h.micro_batch else "")
+                  + ("; everything else from the store" if h.hvps == 0 else ""))
