@@ -17,7 +17,9 @@ from .sources import open_source  # noqa: E402
 from .change.trajectory import TrajectoryResult, trajectory  # noqa: E402
 from . import report, run  # noqa: E402  (modules: report.report(...), run.run(...))
 from .probes.probe import ProbeResult, probe  # noqa: E402
+from .probes.landscape import LandscapeResult, landscape  # noqa: E402
+from .probes.gradients import GradientHealth, gradient_health  # noqa: E402
 
 __all__ = ["ClustersResult", "clusters", "CompareResult", "compare", "Monitor", "TrajectoryResult", "trajectory", "report", "run", "EmbeddingsResult", "GeometryOptions", "embeddings", "mlp_down_spectra",
            "HeadsResult", "heads", "AnalysisResult", "Anatomy", "Config", "Dims", "LayerscopeError", "all_metrics", "analyze", "inspect",
-           "open_source", "probe", "ProbeResult", "register", "__version__"]
+           "open_source", "probe", "ProbeResult", "landscape", "LandscapeResult", "gradient_health", "GradientHealth", "register", "__version__"]

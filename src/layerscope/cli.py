@@ -154,6 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write everything as JSON")
     pr.add_argument("--plot", help="folder for the density and per-layer curvature figures")
     _add_store(pr)
+    from .probes import gradients as _gradients
+
+    _gradients.add_arguments(pr)
+
+    ls = sub.add_parser("landscape", help="loss landscape: 1-D between two checkpoints (barrier), 2-D around one or through three")
+    ls.add_argument("paths", nargs="+", metavar="PATH",
+                    help="one checkpoint (2-D around it), two (1-D interpolation A→B) or three (the plane through them)")
+    ls.add_argument("--directions", default="random", choices=["random", "hessian"],
+                    help="2-D around one checkpoint: filter-normalised Gaussian (random) or top-2 Hessian eigenvectors")
+    ls.add_argument("--grid", type=int, default=25, help="grid points per axis (2-D; odd around one checkpoint; default 25)")
+    ls.add_argument("--span", type=float, default=1.0, help="2-D around one checkpoint: coordinates from -span to span (default 1.0)")
+    ls.add_argument("--points", type=int, default=21, help="1-D: points from α=0 to α=1 (default 21)")
+    ls.add_argument("--extend", type=float, default=0.0, help="1-D: also this far past both ends, e.g. 0.5 (default 0)")
+    ls.add_argument("--pad", type=float, default=0.2, help="plane: margin around the three checkpoints, share of the box (default 0.2)")
+    ls.add_argument("--points-per-forward", type=int, help="points stacked per forward (default: from a memory budget)")
+    ls.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or datasets folder (default: the Python reference's help topics)")
+    ls.add_argument("--text-field", help="field/column holding the text (default text)")
+    ls.add_argument("--seq-len", type=int, help="tokens per window (default min(128, the model's positions))")
+    ls.add_argument("--batches", type=int, default=4, help="batches (default 4)")
+    ls.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    ls.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
+    ls.add_argument("--data-seed", type=int, default=0, help="seed of the windows drawn (default 0)")
+    ls.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    ls.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+    ls.add_argument("--out", help="write the points and summary to .json, or the points to .csv/.parquet")
+    ls.add_argument("--plot", help="folder for the contour, surface or line figures")
+    _add_store(ls)
 
     ms = sub.add_parser("metrics", help="list the available metrics")
     ms.add_argument("--config", help="config file (energy levels change the metric names)")
@@ -397,8 +424,11 @@ def cmd_probe(args: argparse.Namespace, console: Console) -> int:
                                  density_steps=args.density_steps, blocks=blocks, seed=config.seed)
     if args.out and not args.out.lower().endswith(".json"):
         raise LayerscopeError(f"--out must be a .json file, got {args.out}")
+    from .probes.gradients import from_args as gradient_options
+
+    gradients = gradient_options(args) or False
     with ProgressDisplay("probe") as progress:
-        result = probe(args.path, args.data, hessian=hessian, text_field=args.text_field, seq_len=args.seq_len,
+        result = probe(args.path, args.data, hessian=hessian, gradients=gradients, text_field=args.text_field, seq_len=args.seq_len,
                        batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
                        dtype=args.dtype, config=config, revision=args.revision, progress=progress.update)
     print_probe(result, console)
@@ -412,6 +442,26 @@ def cmd_probe(args: argparse.Namespace, console: Console) -> int:
                                  top=float(h.eigenvalues["eigenvalue"].iloc[0]), bottom=h.bottom["eigenvalue"])]
         if len(h.blocks) and (h.blocks["kind"] == "layer").any():
             paths.append(block_curvature(h.blocks, args.plot, result.model.label.rsplit("/", 1)[-1]))
+        console.print(f"wrote {len(paths)} figures to {args.plot}")
+    return 0
+
+
+def cmd_landscape(args: argparse.Namespace, console: Console) -> int:
+    from .probes.landscape import landscape, print_landscape
+
+    config = _config(args)
+    with ProgressDisplay("landscape") as progress:
+        result = landscape(args.paths, args.data, directions=args.directions, grid=args.grid, span=args.span,
+                           points=args.points, extend=args.extend, pad=args.pad, seed=args.seed,
+                           points_per_forward=args.points_per_forward, device=args.device or config.device,
+                           dtype=args.dtype, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
+                           data_seed=args.data_seed, text_field=args.text_field, store=config.resolved_store(),
+                           cache=config.cache, progress=progress.update)
+    print_landscape(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        paths = result.plot(args.plot)
         console.print(f"wrote {len(paths)} figures to {args.plot}")
     return 0
 
@@ -432,7 +482,7 @@ def cmd_metrics(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
-            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe,
+            "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe, "landscape": cmd_landscape,
             "metrics": cmd_metrics}
 
 

@@ -51,7 +51,7 @@ FLAG_RULE = ("vanishing / exploding: a layer whose gradient-to-weight ratio ‖�
              "standard deviations (1.4826·MAD of log10 ratios), one decade) below / above the median over the layers; "
              "needs at least 3 layers")
 NEURON_RULE = ("a neuron is active on a token when the activation the down projection reads is > {threshold} (for GELU, "
-               "ReLU and SiLU this is exactly 'pre-activation > 0'; for gated MLPs, |activation| > {threshold} and "
+               "ReLU and SiLU this is exactly 'pre-activation > 0'; for gated MLPs, |activation| > {gated} and "
                "always-on is not defined); dead = active on none of the {tokens} tokens, always-on = active on all. "
                "A neuron active on more than 3/N of tokens would show at least once with probability > 95%")
 NOISE_READING = ("B_simple ≈ the critical batch size (McCandlish et al. 2018): batches much smaller than it take "
@@ -287,7 +287,7 @@ def gradient_health(objective: Objective, options: GradientOptions | None = None
     rules = {"flags": FLAG_RULE, "noise": noise["reading"]}
     if options.neurons and obj.data.input_ids is not None:
         neurons, tokens = mlp_neuron_activity(obj, options)
-        rules["neurons"] = NEURON_RULE.format(threshold=options.threshold, tokens=tokens)
+        rules["neurons"] = NEURON_RULE.format(threshold=options.threshold, gated=options.gated_threshold, tokens=tokens)
         tick()
     result = GradientHealth(tensors, frame, noise, neurons, rules, obj.data.description)
     if store is not None:

@@ -538,9 +538,18 @@ def landscape(models: Sequence[Any] | Any, data: Any = None, *, directions: str 
         if not cache:
             for t, r in results.items():
                 st.put_artifact(key, KIND, t, r)
+        result = _result(kind, family, coords, results, objective, loaded, probe_data, extend, grid, span, extra, marks,
+                         evaluator.points_per_forward)
+        result.seconds = time.perf_counter() - started
+        result.computed, result.cached = len(coords) - cached, cached
+        st.put_artifact(base.weights_hash, "landscape.summary", key, result.to_dict())  # the report finds it here
     finally:
         if owned or isinstance(store, (str, Path)):
             st.close()
+    return result
+
+
+def _result(kind, family, coords, results, objective, loaded, probe_data, extend, grid, span, extra, marks, ppf):
     columns = family.labels
     table = _frame(results, coords, objective, columns)
     if kind == "interpolation":
@@ -559,8 +568,52 @@ def landscape(models: Sequence[Any] | Any, data: Any = None, *, directions: str 
         summary["max_loss"] = float(np.nanmax(z))
     summary.update(extra)
     summary["directions"] = family.spec
-    summary["points_per_forward"] = evaluator.points_per_forward
-    result = LandscapeResult(kind, table, summary, [m.label for m in loaded], probe_data.description,
-                             time.perf_counter() - started, marks=marks)
-    result.computed, result.cached = len(coords) - cached, cached
-    return result
+    summary["points_per_forward"] = ppf
+    return LandscapeResult(kind, table, summary, [m.label for m in loaded], probe_data.description, marks=marks)
+
+
+def print_landscape(result: LandscapeResult, console: Any = None) -> None:
+    """Console view: what was evaluated and the summary numbers with their rules."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..views import _fmt
+
+    console = console or Console()
+    s = result.summary
+    n = len(result.table)
+    console.print(escape(f"{result.kind} landscape of {', '.join(result.labels)} on {result.data_description}: "
+                         f"{n} points ({result.computed} computed, {result.cached} from the store) in {result.seconds:.1f} s, "
+                         f"{s.get('points_per_forward', 1)} points per forward"))
+    if result.kind == "interpolation":
+        verdict = "a barrier" if s["has_barrier"] else "no barrier: linearly connected on this data"
+        console.print(f"L(0) = {s['loss_start']:.4f}, L(1) = {s['loss_end']:.4f}, max L = {s['max_loss']:.4f}")
+        console.print(f"[bold]barrier[/bold] {_fmt(s['barrier'])} ± {_fmt(s['barrier_se'])} at α = {s['barrier_alpha']:.3g} "
+                      f"(threshold {_fmt(s['barrier_threshold'])}): {verdict}")
+        console.print(escape(f"rule: {s['rule']}"))
+        return
+    console.print(f"loss from {s['min_loss']:.4f} to {s['max_loss']:.4f}; roughness {_fmt(s['roughness'])} "
+                  f"(total variation {_fmt(s['total_variation'])})")
+    if "loss_centre" in s:
+        console.print(f"centre: loss {s['loss_centre']:.4f}, curvature x {_fmt(s.get('curvature_x'))}, "
+                      f"y {_fmt(s.get('curvature_y'))}, ε-sharpness {_fmt(s.get('eps_sharpness'))}%")
+    if "hessian_eigenvalues" in s:
+        console.print(f"Hessian top-2 eigenvalues: {', '.join(f'{v:.5g}' for v in s['hessian_eigenvalues'])}")
+    for key in ("roughness_rule", "sharpness_rule"):
+        if key in s:
+            console.print(escape(f"{key.split('_')[0]}: {s[key]}"), style="dim")
+    for label, (x, y) in result.marks.items():
+        console.print(escape(f"  {label} at ({x:.3g}, {y:.3g})"))
+
+
+def stored_landscapes(weights_hash: str, store: Any) -> list[LandscapeResult]:
+    """Every landscape computed with this checkpoint first (for the report)."""
+    import pandas as pd
+
+    out = []
+    for payload in store.artifacts(weights_hash, "landscape.summary"):
+        table = pd.DataFrame(payload["points"])
+        table["batch_losses"] = [[] for _ in range(len(table))]
+        out.append(LandscapeResult(payload["kind"], table, payload["summary"], payload["models"], payload["data"],
+                                   marks={k: tuple(v) for k, v in payload.get("marks", {}).items()}))
+    return out

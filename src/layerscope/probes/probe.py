@@ -43,12 +43,22 @@ class ProbeResult:
     def hessian(self) -> HessianResult | None:
         return self.results.get("hessian")
 
+    @property
+    def gradients(self) -> Any:
+        """probes.gradients.GradientHealth, when run."""
+        return self.results.get("gradients")
+
     def tables(self) -> dict[str, pd.DataFrame]:
         """The DataFrames: per-parameter anatomy, and each probe's tables."""
         out = {"parameters": self.model.param_table()}
         if self.hessian is not None:
             out["hessian_eigenvalues"] = self.hessian.eigenvalues
             out["hessian_blocks"] = self.hessian.blocks
+        if self.gradients is not None:
+            out["gradient_tensors"] = self.gradients.tensors
+            out["gradient_groups"] = self.gradients.groups
+            if self.gradients.neurons is not None:
+                out["mlp_neurons"] = self.gradients.neurons
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,11 +99,21 @@ def _hessian_step(objective: Objective, options: dict, store: Any, key: str, cac
     return hessian_probe(objective, opts, store=store, key=key, cache=cache, progress=progress)
 
 
+def _gradients_step(objective: Objective, options: dict, store: Any, key: str, cache: bool, progress: Progress | None):
+    from .gradients import GradientOptions, gradient_health
+
+    opts = options.get("gradients")
+    if not isinstance(opts, GradientOptions):
+        opts = GradientOptions(**(opts or {}))
+    return gradient_health(objective, opts, store=store if cache else None, progress=progress)
+
+
 #: name -> step(objective, options, store, key, cache, progress). Probes are run in this order.
-STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step}
+STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step, "gradients": _gradients_step}
 
 
-def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict = False, loss_fn: Callable | None = None,
+def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict = False,
+          gradients: bool | Any = False, loss_fn: Callable | None = None,
           text_field: str | None = None, seq_len: int | None = None, batches: int = 4, batch_size: int = 8,
           seed: int = 0, device: str | None = None, dtype: str | None = None, config: Config | None = None,
           revision: str | None = None, progress: Progress | None = None, **probe_options: Any) -> ProbeResult:
@@ -101,7 +121,8 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
 
     hessian: True (defaults), a HessianOptions, or a dict of its fields. loss_fn: for a module that is
     not a transformers LM; ``data`` is then its ``[(inputs, targets), ...]`` batches (PyHessian and
-    curvlinops' call shape). Without ``data`` an LM is evaluated on the default text
+    curvlinops' call shape). gradients: True, a ``probes.gradients.GradientOptions`` or a dict of its
+    fields (gradient health: norms, noise scale, SNR, flags, dead MLP neurons). Without ``data`` an LM is evaluated on the default text
     (``probes.data.default_text``)."""
     from ..store import Store
 
@@ -122,8 +143,9 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
             store.put_artifact(key, "loss", dtype_tag, loss.__dict__)
         else:
             loss = LossResult(**stored)
-        options = {"hessian": hessian if not isinstance(hessian, bool) else {}, **probe_options}
-        wanted = {"hessian": bool(hessian)}
+        options = {"hessian": hessian if not isinstance(hessian, bool) else {},
+                   "gradients": gradients if not isinstance(gradients, bool) else {}, **probe_options}
+        wanted = {"hessian": bool(hessian), "gradients": bool(gradients)}
         result = ProbeResult(runnable, probe_data, loss)
         for name, step in STEPS.items():
             if wanted.get(name):
@@ -148,6 +170,10 @@ def print_probe(result: ProbeResult, console: Any = None) -> None:
                          f"{str(m.dtype).removeprefix('torch.')} on {m.device}"))
     console.print(escape(f"data: {d.description}; {d.n_batches} batches, {d.tokens:,} target tokens; hash {d.hash[:12]}"))
     console.print(f"[bold]loss[/bold] {result.loss.loss:.4f} nats/token, perplexity {_fmt(result.loss.perplexity)}")
+    if result.gradients is not None:
+        from .gradients import print_gradients
+
+        print_gradients(result.gradients, console)
     h = result.hessian
     if h is None:
         return
