@@ -186,7 +186,7 @@ class Monitor:
                 self.stats.gradient_seconds += spent
         if step % self.every:
             return False
-        return self.submit(step, extra)
+        return self.submit(step, extra, _hold=True)
 
     def observe_gradients(self, step: int) -> None:
         """Read the gradient norms now, for the snapshot of ``step`` (from a callback that runs before
@@ -228,20 +228,21 @@ class Monitor:
                 self._error(f"update-ratio copy at step {step} failed: {type(exc).__name__}: {exc}")
         self._queue.put(snap)
 
-    def submit(self, step: int, extra: dict[str, Any] | None = None) -> bool:
-        """Snapshot the weights now, for analysis in the background; False when skipped."""
+    def submit(self, step: int, extra: dict[str, Any] | None = None, _hold: bool = False) -> bool:
+        """Snapshot the weights now, for analysis in the background; False when skipped. (From
+        ``step()``, the snapshot waits for the next ``step()`` for its update-ratio copy.)"""
         if not self.active or self._closed:
             return False
         started = time.perf_counter()
         try:
-            return self._submit(step, extra or {})
+            return self._submit(step, extra or {}, _hold)
         except Exception as exc:  # never into training
             self._error(f"snapshot at step {step} failed: {type(exc).__name__}: {exc}")
             return False
         finally:
             self.stats.blocked_seconds += time.perf_counter() - started
 
-    def _submit(self, step: int, extra: dict[str, Any]) -> bool:
+    def _submit(self, step: int, extra: dict[str, Any], hold: bool = False) -> bool:
         if self._worker is None or not self._worker.is_alive():
             self._warn_once("worker", "monitor worker is not running; snapshots are skipped")
             self.stats.skipped_full += 1
@@ -269,7 +270,7 @@ class Monitor:
         self.stats.submitted += 1
         if self._held is not None:  # a snapshot every step: no companion for the previous one
             self._release_held(None)
-        if self._grads is not None and self.update_ratio:
+        if hold and self._grads is not None and self.update_ratio:
             self._held = snap  # queued at the next step(), with one optimizer update's copy
         else:
             self._queue.put(snap)
