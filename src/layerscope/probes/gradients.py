@@ -306,6 +306,8 @@ def _noise_estimates(A2: float, a2: np.ndarray, Aa: np.ndarray, W: np.ndarray, r
 
     def two_batch(A2_, a2_, W_, rows_):
         n, b = rows_.sum(), rows_.mean()
+        if n <= b:  # one batch left (a 2-batch jackknife): no second batch size
+            return math.nan, math.nan
         gb2 = float(np.mean(a2_ / W_ ** 2))  # mean ‖G_b‖² (batch-mean gradients)
         gn2 = A2_ / W_.sum() ** 2  # ‖G_n‖²
         g2 = (n * gn2 - b * gb2) / (n - b)
@@ -328,7 +330,7 @@ def _noise_estimates(A2: float, a2: np.ndarray, Aa: np.ndarray, W: np.ndarray, r
         if extra is None:
             continue
         g2, tr = fn(A2, extra, W, rows)
-        B = tr / g2 if g2 > 0 else math.nan
+        B = tr / g2 if g2 > 0 else math.nan  # NaN also when g2 is NaN
         jack = []
         for b in range(nb):
             A2b, keep = leave_out(b)

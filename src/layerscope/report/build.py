@@ -15,7 +15,7 @@ import pandas as pd
 from .. import __version__
 from ..config import Config
 from ..errors import LayerscopeError
-from . import depth
+from . import depth, health
 from .document import Document, Figure, Gallery, Items, Section, TableBlock, Text, to_html, to_markdown
 
 Progress = Callable[[str, int, int], None]
@@ -33,6 +33,7 @@ class ModelData:
     clusters: Any = None  # ClustersResult
     notes: list[str] = field(default_factory=list)
     probe: Any = None  # probes.ProbeResult (the model run on data), when it was run
+    landscapes: list = field(default_factory=list)  # probes.landscape.LandscapeResult stored for this checkpoint
 
     @property
     def table(self) -> pd.DataFrame:
@@ -78,6 +79,12 @@ def collect(path: Any, config: Config, *, embeddings: bool | None = None, cluste
             data.notes.append(f"{name}: {exc}")
         if progress:
             progress(name, 1, 1)
+    try:  # landscapes computed earlier with this checkpoint (layerscope landscape), from the store
+        from .health import stored_landscapes
+
+        data.landscapes = stored_landscapes(source, config)
+    except Exception as exc:  # the report goes on without them
+        data.notes.append(f"landscapes: {exc}")
     return data
 
 
@@ -226,6 +233,7 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
             sections.append(_clusters_section(m, figures, suffix))
         if m.probe is not None:
             sections.append(_probe_section(m, figures, suffix))
+        sections.extend(health.sections(m, figures, suffix))  # loss landscapes, gradient health
     if many:
         sections.append(_comparison_section(models, figures, compare_result))
     for m in models:
