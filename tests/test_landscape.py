@@ -10,7 +10,7 @@ import torch
 
 import checkpoints
 from layerscope.errors import LayerscopeError
-from layerscope.probes import from_module, load_data, load_model
+from layerscope.probes import from_module, from_pairs, load_data, load_model
 from layerscope.probes.landscape import Family, filter_normalise, landscape, random_directions
 
 SMALL = dict(seq_len=32, batches=2, batch_size=4)
@@ -186,3 +186,35 @@ def test_bad_landscape_input_is_one_line(trained_run, arch_checkpoints):
         landscape([ckpt, arch_checkpoints["llama"]], **SMALL)
     with pytest.raises(LayerscopeError, match="one, two or three"):
         landscape([ckpt] * 4)
+
+
+def test_hessian_directions_are_the_top_eigenvectors_of_a_quadratic(tmp_path):
+    from layerscope.probes import Objective
+    from layerscope.probes.landscape import hessian_directions, weight_norm
+
+    rng = np.random.default_rng(1)
+    n = 8
+    q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    evals = np.array([5.0, 3.0, 1.0, 0.5, 0.2, -0.1, -0.3, -1.0])
+    a = q @ np.diag(evals) @ q.T
+    A = torch.tensor(a)
+    w0 = rng.standard_normal(n)
+
+    def loss_fn(w, y):
+        return 0.5 * w @ A @ w
+
+    data = from_pairs([(torch.zeros(1, 1), torch.zeros(1))])
+    model = from_module(Point(w0), loss_fn)
+    values, vecs = hessian_directions(Objective(model, data), 2, tol=1e-8)
+    np.testing.assert_allclose(values, evals[:2], rtol=1e-6)
+    for v, i in zip(vecs, (0, 1)):
+        got = v["w"].numpy()
+        assert abs(abs(got @ q[:, i]) - 1) < 1e-6 and np.linalg.norm(got) == pytest.approx(1.0)
+    # the 2-D landscape along them is the closed form at every point
+    result = landscape([Point(w0)], data, loss_fn=loss_fn, directions="hessian", grid=3, span=0.5, hessian_tol=1e-8,
+                       store=tmp_path / "s.sqlite")
+    scale = weight_norm(model)
+    d1, d2 = (v["w"].numpy() * scale for v in vecs)
+    for row in result.table.itertuples():
+        w = w0 + row.x * d1 + row.y * d2
+        assert row.loss == pytest.approx(0.5 * w @ a @ w, rel=1e-9)

@@ -110,9 +110,12 @@ def random_directions(model: RunnableModel, n: int = 2, seed: int = 0) -> list[d
 
 
 def weight_norm(model: RunnableModel) -> float:
-    """‖θ‖ over the tensors filter normalisation keeps (biases and norms left out)."""
-    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for n, p in model.params.items()
-                         if not _zeroed(model, n, p)))
+    """‖θ‖ over the tensors filter normalisation keeps (biases and norms left out); over every
+    parameter when that leaves nothing, and 1 for all-zero weights."""
+    kept = sum(float(p.detach().double().pow(2).sum()) for n, p in model.params.items() if not _zeroed(model, n, p))
+    if kept == 0:
+        kept = sum(float(p.detach().double().pow(2).sum()) for p in model.params.values())
+    return math.sqrt(kept) if kept > 0 else 1.0
 
 
 def hessian_directions(objective: Objective, k: int = 2, *, seed: int = 0, tol: float = 1e-3,
@@ -447,10 +450,11 @@ def landscape(models: Sequence[Any] | Any, data: Any = None, *, directions: str 
               points_per_forward: int | None = None, device: str | None = "cpu", dtype: str | None = None,
               seq_len: int | None = None, batches: int = 4, batch_size: int = 8, data_seed: int = 0,
               text_field: str | None = None, loss_fn: Callable | None = None, store: Any = None, cache: bool = True,
-              map_fn: Callable = map, progress: Progress | None = None) -> LandscapeResult:
+              map_fn: Callable = map, progress: Progress | None = None, hessian_tol: float = 1e-4) -> LandscapeResult:
     """The loss landscape of one checkpoint (2-D, ``directions`` random or hessian), between two
     (1-D interpolation) or on the plane through three. ``models``: paths, hub ids, modules or
-    RunnableModels. ``data``: as :func:`probes.load_data` (None: the default text)."""
+    RunnableModels. ``data``: as :func:`probes.load_data` (None: the default text). ``hessian_tol``:
+    the Lanczos stopping tolerance of the Hessian directions (part of their store key)."""
     from ..config import Config
     from ..store import Store
     from .data import load_data
@@ -520,10 +524,10 @@ def landscape(models: Sequence[Any] | Any, data: Any = None, *, directions: str 
             dirs = random_directions(base, 2, seed)
             family = Family(origin, dirs, f"random:filter-normalised:seed={seed}")
         else:
-            values, vecs = hessian_directions(objective, 2, seed=seed)
+            values, vecs = hessian_directions(objective, 2, seed=seed, tol=hessian_tol)
             norm = weight_norm(base)
             family = Family(origin, [{n: t * norm for n, t in v.items()} for v in vecs],
-                            f"hessian-top2:seed={seed}")
+                            f"hessian-top2:seed={seed}:tol={hessian_tol!r}")
             extra["hessian_eigenvalues"] = [float(x) for x in values]
         xs = np.linspace(-span, span, grid)
         coords = [(float(x), float(y)) for y in xs for x in xs]
