@@ -95,7 +95,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--points-per-forward", type=int, default=None)
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = make_checkpoint(tmp)

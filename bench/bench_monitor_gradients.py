@@ -60,7 +60,10 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy machine")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import train_gpt
 
     torch.manual_seed(0)
