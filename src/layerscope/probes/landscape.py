@@ -219,14 +219,30 @@ class PointEvaluator:
     ``points_per_forward`` points are stacked and evaluated with one ``vmap``'d forward per batch
     (1: a plain ``functional_call`` per point). Returns, per point, the per-batch loss sums."""
 
-    def __init__(self, objective: Objective, family: Family, points_per_forward: int = 1):
+    def __init__(self, objective: Objective, family: Family, points_per_forward: int = 1, calibrate: bool = False):
         self.objective, self.family = objective, family
         self.points_per_forward = max(1, int(points_per_forward))
+        # stacking pays on GPUs and on busy CPUs, not always on an idle single-threaded CPU: with
+        # calibrate, the first call times a stacked chunk against two single points and keeps the faster
+        self.calibrate = calibrate and self.points_per_forward > 1
         self.batches = [tuple(objective._to_device(t) for t in objective.data.batch(b)) for b in range(objective.n_batches)]
 
     def __call__(self, points: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         i = 0
+        if self.calibrate and len(points) >= self.points_per_forward + 2:
+            self.calibrate = False
+            k = self.points_per_forward
+            t0 = time.perf_counter()
+            sums = self._sums(points[:k])
+            stacked = (time.perf_counter() - t0) / k
+            t0 = time.perf_counter()
+            sums += self._sums(points[k:k + 1]) + self._sums(points[k + 1:k + 2])
+            single = (time.perf_counter() - t0) / 2
+            out.extend({"coords": [float(c) for c in p], "sums": s} for p, s in zip(points[:k + 2], sums))
+            i = k + 2
+            if single < stacked:
+                self.points_per_forward = 1
         while i < len(points):
             chunk = points[i:i + self.points_per_forward]
             try:
@@ -536,8 +552,9 @@ def landscape(models: Sequence[Any] | Any, data: Any = None, *, directions: str 
     st = Store(Config().resolved_store()) if owned else (store if not isinstance(store, (str, Path)) else Store(store))
     try:
         ppf = points_per_forward or auto_points_per_forward(objective)
-        evaluator = PointEvaluator(objective, family, ppf)
-        results, cached = evaluate_points(evaluator, coords, key=key, store=st if cache else None, chunk=max(ppf, 1),
+        evaluator = PointEvaluator(objective, family, ppf, calibrate=points_per_forward is None)
+        results, cached = evaluate_points(evaluator, coords, key=key, store=st if cache else None,
+                                          chunk=max(ppf, 1) if points_per_forward else 4 * ppf,
                                   map_fn=map_fn, progress=progress, label="grid points" if kind != "interpolation" else "points")
         if not cache:
             for t, r in results.items():
