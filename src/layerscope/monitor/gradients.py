@@ -49,7 +49,7 @@ def _async_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 def _sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     norms = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors])
-    return torch.stack([n.to(torch.float64) for n in norms]) ** 2
+    return torch.stack(norms).to(torch.float64) ** 2
 
 
 class GradientTracker:
@@ -59,6 +59,7 @@ class GradientTracker:
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self._prev: list[torch.Tensor] | None = None  # accumulated gradient after the last micro-batch
+        self._buffers: list[torch.Tensor] | None = None
         self._micro_sq: torch.Tensor | None = None  # Σ_k ‖x_k‖² per tensor, this step
         self._micro_n = 0
         self._micro_batch = 0
@@ -93,12 +94,16 @@ class GradientTracker:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         with torch.no_grad():
             if self._prev is None:
-                inc = grads
-                self._prev = [g.detach().clone() for g in grads]
+                sq = _sq_norms(grads)
+                if self._buffers is None or any(b.shape != g.shape or b.dtype != g.dtype for b, g in zip(self._buffers, grads)):
+                    self._buffers = [g.detach().clone() for g in grads]  # allocated once, reused every step
+                else:
+                    torch._foreach_copy_(self._buffers, grads)
+                self._prev = self._buffers
             else:
-                inc = torch._foreach_sub(grads, self._prev)
+                torch._foreach_sub_(self._prev, grads)  # in place: prev − now = −increment, no allocation
+                sq = _sq_norms(self._prev)
                 torch._foreach_copy_(self._prev, grads)
-            sq = _sq_norms(inc)
         self._micro_sq = sq if self._micro_sq is None else self._micro_sq + sq
         self._micro_n += 1
         self._micro_batch = int(batch_size)
