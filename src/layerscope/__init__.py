@@ -45,6 +45,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ProbeResult": (".probes.probe", "ProbeResult"),
     "activations": (".probes.activations", "activations"),
     "ActivationsResult": (".probes.activations", "ActivationsResult"),
+    "landscape": (".probes.landscape", "landscape"),
+    "LandscapeResult": (".probes.landscape", "LandscapeResult"),
+    "gradient_health": (".probes.gradients", "gradient_health"),
+    "GradientHealth": (".probes.gradients", "GradientHealth"),
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -75,6 +79,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .monitor import Monitor
     from .pipeline import AnalysisResult, analyze, inspect
     from .probes.activations import ActivationsResult, activations
+    from .probes.gradients import GradientHealth, gradient_health
+    from .probes.landscape import LandscapeResult, landscape
     from .probes.probe import ProbeResult, probe
     from .sources import open_source
     from .weights.clusters import ClustersResult, clusters

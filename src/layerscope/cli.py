@@ -193,6 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", type=output_folder, help="folder for the density, per-layer curvature, Fisher and pruning figures")
     add_fisher_arguments(pr)
     _add_store(pr)
+    g = pr.add_argument_group("gradient health (--gradients)")
+    g.add_argument("--gradients", action="store_true", help="gradient norms, noise scale, SNR, flags, dead MLP neurons")
+    g.add_argument("--no-per-example", action="store_true",
+                   help="gradient health without per-example gradients (two-batch noise scale only; no GSNR)")
+    g.add_argument("--activity-threshold", type=float, default=0.0,
+                   help="an MLP neuron is active on a token when its activation is above this (default 0)")
+
+    ls = sub.add_parser("landscape", help="loss landscape: 1-D between two checkpoints (barrier), 2-D around one or through three")
+    ls.add_argument("paths", nargs="+", type=checkpoint, metavar="PATH",
+                    help="one checkpoint (2-D around it), two (1-D interpolation A→B) or three (the plane through them)")
+    ls.add_argument("--directions", default="random", choices=["random", "hessian"],
+                    help="2-D around one checkpoint: filter-normalised Gaussian (random) or top-2 Hessian eigenvectors")
+    ls.add_argument("--grid", type=int_at_least(2), default=25, help="grid points per axis (2-D; odd around one checkpoint; default 25)")
+    ls.add_argument("--span", type=float, default=1.0, help="2-D around one checkpoint: coordinates from -span to span (default 1.0)")
+    ls.add_argument("--points", type=int_at_least(2), default=21, help="1-D: points from α=0 to α=1 (default 21)")
+    ls.add_argument("--extend", type=float, default=0.0, help="1-D: also this far past both ends, e.g. 0.5 (default 0)")
+    ls.add_argument("--pad", type=float, default=0.2, help="plane: margin around the three checkpoints, share of the box (default 0.2)")
+    ls.add_argument("--points-per-forward", type=int_at_least(1), help="points stacked per forward (default: from a memory budget)")
+    ls.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or datasets folder (default: the Python reference's help topics)")
+    ls.add_argument("--text-field", help="field/column holding the text (default text)")
+    ls.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
+    ls.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
+    ls.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
+    ls.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
+    ls.add_argument("--data-seed", type=int, default=0, help="seed of the windows drawn (default 0)")
+    ls.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
+    ls.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+    ls.add_argument("--out", type=output_file(*TABLE_SUFFIXES), help="write the points and summary to .json, or the points to .csv/.parquet")
+    ls.add_argument("--plot", type=output_folder, help="folder for the contour, surface or line figures")
+    _add_store(ls)
 
     add_merge_command(sub)
 
@@ -500,12 +530,14 @@ def cmd_probe(args: argparse.Namespace, console: "Console") -> int:
                                  trace_rel_error=args.trace_rel_error or None, density_runs=args.density_runs,
                                  density_steps=args.density_steps, blocks=blocks, seed=config.seed)
     from .probes.fisher_cli import fisher_options, wants_fisher
+    from .probes.gradients import from_args as gradient_options
 
     datas = args.data or [None]
     fisher = fisher_options(args, config.seed) if wants_fisher(args) or len(datas) > 1 else False
+    gradients = gradient_options(args) or False
     with ProgressDisplay("probe") as progress:
         result = probe(args.path, datas[0], hessian=hessian, fisher=fisher, prune=args.prune, held_out=args.held_out,
-                       compare_data=datas[1:], text_field=args.text_field, seq_len=args.seq_len,
+                       compare_data=datas[1:], gradients=gradients, text_field=args.text_field, seq_len=args.seq_len,
                        batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
                        dtype=args.dtype, config=config, revision=args.revision, progress=progress.update)
     print_probe(result, console)
@@ -553,6 +585,27 @@ def cmd_activations(args: argparse.Namespace, console: "Console") -> int:
     return 0
 
 
+def cmd_landscape(args: argparse.Namespace, console: "Console") -> int:
+    from .probes.landscape import landscape, print_landscape
+    from .views import ProgressDisplay
+
+    config = _config(args)
+    with ProgressDisplay("landscape") as progress:
+        result = landscape(args.paths, args.data, directions=args.directions, grid=args.grid, span=args.span,
+                           points=args.points, extend=args.extend, pad=args.pad, seed=args.seed,
+                           points_per_forward=args.points_per_forward, device=args.device or config.device,
+                           dtype=args.dtype, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
+                           data_seed=args.data_seed, text_field=args.text_field, store=config.resolved_store(),
+                           cache=config.cache, progress=progress.update)
+    print_landscape(result, console)
+    if args.out:
+        console.print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        paths = result.plot(args.plot)
+        console.print(f"wrote {len(paths)} figures to {args.plot}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace, console: "Console") -> int:
     from rich.table import Table
 
@@ -576,7 +629,7 @@ def cmd_merge(args: argparse.Namespace, console: "Console") -> int:
 
 COMMANDS = {"merge": cmd_merge, "info": cmd_info, "analyze": cmd_analyze, "heads": cmd_heads, "embeddings": cmd_embeddings,
             "clusters": cmd_clusters, "compare": cmd_compare, "trajectory": cmd_trajectory, "report": cmd_report, "run": cmd_run, "probe": cmd_probe,
-            "activations": cmd_activations,
+            "activations": cmd_activations, "landscape": cmd_landscape,
             "metrics": cmd_metrics}
 
 

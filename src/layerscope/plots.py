@@ -260,3 +260,59 @@ def metric_by_layer(tables: dict[str, pd.DataFrame], metric: str, directory: str
         fig.legend(handles, labels, loc="outside right center", fontsize=9, title="weight type")
     fig.suptitle(f"{label} by layer")
     return _save(fig, Path(directory) / f"depth_{metric}.png")
+
+
+# -- loss landscapes ------------------------------------------------------------------------------
+def landscape_line(result, directory: str | Path) -> Path:
+    """L(α) between two checkpoints, the straight line between the end losses, and the barrier."""
+    plt = _plt()
+    t = result.table.sort_values("alpha")
+    s = result.summary
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(t["alpha"], t["loss"], "o-", ms=3, label="L(α)")
+    ax.plot([0, 1], [s["loss_start"], s["loss_end"]], "--", color="grey", label="(1−α)L(0) + αL(1)")
+    a = s["barrier_alpha"]
+    base = (1 - a) * s["loss_start"] + a * s["loss_end"]
+    if s["barrier"] > 0:
+        ax.annotate("", xy=(a, base + s["barrier"]), xytext=(a, base), arrowprops=dict(arrowstyle="<->", color="C3"))
+        ax.text(a, base + s["barrier"] / 2, f"  barrier {s['barrier']:.3g}" + ("" if s["has_barrier"] else " (not significant)"),
+                color="C3", va="center")
+    ax.axvline(0, color="black", lw=0.5)
+    ax.axvline(1, color="black", lw=0.5)
+    ax.set_xlabel(f"α  (0: {result.labels[0]},  1: {result.labels[1]})")
+    ax.set_ylabel("loss (mean token cross-entropy)")
+    ax.set_title("linear interpolation between checkpoints")
+    ax.legend()
+    return _save(fig, Path(directory) / "landscape_1d.png")
+
+
+def landscape_plane(result, directory: str | Path) -> list[Path]:
+    """Contour and surface plots of a 2-D landscape (the checkpoints marked on a plane)."""
+    plt = _plt()
+    xs, ys, z = result.grid()
+    what = {"random": "filter-normalised random directions", "hessian": "top-2 Hessian eigenvectors",
+            "plane": "plane through three checkpoints"}.get(result.kind, result.kind)
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    levels = np.linspace(np.nanmin(z), np.nanmin(z) + min(np.nanmax(z) - np.nanmin(z), 4 * (np.nanmedian(z) - np.nanmin(z)) + 1e-9), 30)
+    cs = ax.contourf(xs, ys, z, levels=levels, cmap="viridis", extend="max")
+    ax.contour(xs, ys, z, levels=levels[::3], colors="white", linewidths=0.5)
+    fig.colorbar(cs, ax=ax, label="loss")
+    marks = result.marks or {result.labels[0]: (0.0, 0.0)}
+    for label, (mx, my) in marks.items():
+        ax.plot([mx], [my], "r*", ms=10)
+        ax.annotate(f" {label}", (mx, my), color="red")
+    ax.set_xlabel("direction 1" if result.kind != "plane" else "u (θ₂ − θ₁)")
+    ax.set_ylabel("direction 2" if result.kind != "plane" else "v (θ₃ − θ₁, orthogonalised)")
+    ax.set_title(f"loss contours — {what}")
+    ax.set_aspect("equal", adjustable="box")
+    contour = _save(fig, Path(directory) / f"landscape_{result.kind}_contour.png")
+    fig = plt.figure(figsize=(6.4, 5.2))
+    ax3 = fig.add_subplot(projection="3d")
+    gx, gy = np.meshgrid(xs, ys)
+    ax3.plot_surface(gx, gy, np.minimum(z, levels[-1]), cmap="viridis", linewidth=0, antialiased=True)
+    ax3.set_xlabel("direction 1")
+    ax3.set_ylabel("direction 2")
+    ax3.set_zlabel("loss")
+    ax3.set_title(f"loss surface — {what}")
+    surface = _save(fig, Path(directory) / f"landscape_{result.kind}_surface.png")
+    return [contour, surface]

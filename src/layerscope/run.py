@@ -24,7 +24,7 @@ STAGES = ("analyze", "heads", "mlp", "embeddings", "clusters", "probe", "activat
 RUN_PROBE = dict(batches=2, batch_size=4, hessian=dict(top_k=5, max_iter=60, trace_min=10, trace_max=30,
                                                        density_runs=2, density_steps=30, blocks=("layer",),
                                                        block_max_iter=20),
-                 fisher=dict(top_k=5))
+                 fisher=dict(top_k=5), gradients=True)
 
 
 def run(path: Any, config: Config | None = None, *, out: str | Path = "layerscope-out", revision: str | None = None,

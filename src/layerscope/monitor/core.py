@@ -57,7 +57,8 @@ class MonitorStats:
     skipped_memory: int = 0
     errors: int = 0
     sink_errors: int = 0
-    blocked_seconds: float = 0.0  # time the training thread spent inside submit()
+    blocked_seconds: float = 0.0  # time the training thread spent inside the monitor (snapshots, gradients)
+    gradient_seconds: float = 0.0  # of which reading gradients (norms, micro-batch increments)
     analysis_seconds: float = 0.0
 
 
@@ -100,12 +101,18 @@ class Monitor:
     when_full: ``skip`` (count and go on) or ``block`` (the loop waits for a free slot).
     memory_limit: skip a snapshot while system memory use is above this fraction.
     drift: also report drift from the first and the previous snapshot (keeps two more host copies).
+    gradients: gradient health (see ``monitor.gradients``): per-matrix and per-layer gradient norms
+        at snapshot steps, read by ``step()`` before the loop zeroes them (or by
+        ``observe_gradients`` from a callback), and the noise scale from ``observe_micro_batch``.
+    update_ratio: also copy the weights once more at the step after each snapshot, for the
+        update-to-weight ratio ‖Δθ‖/‖θ‖ of one optimizer step (one more host copy per slot).
     """
 
     def __init__(self, model: torch.nn.Module, every: int = 100, metrics: Iterable[str] | None = DEFAULT_METRICS,
                  sinks: Iterable[Any] = ("console",), *, queue_size: int = 1, when_full: str = "skip",
                  memory_limit: float = 0.9, drift: bool = True, config: Config | None = None,
-                 run: str | None = None, close_timeout: float = 60.0, low_priority: bool = True):
+                 run: str | None = None, close_timeout: float = 60.0, low_priority: bool = True,
+                 gradients: bool = True, update_ratio: bool = True):
         if not isinstance(every, int) or every < 1:
             raise LayerscopeError(f"Monitor: every must be a positive integer, got {every!r}")
         if when_full not in WHEN_FULL:
@@ -134,6 +141,13 @@ class Monitor:
         self._closed = False
         self._warned: set[str] = set()
         self._worker: threading.Thread | None = None
+        self._grads = None
+        self._held: Snapshot | None = None  # a snapshot waiting for its companion copy (update ratio)
+        self.update_ratio = update_ratio
+        if self.active and gradients:
+            from .gradients import GradientTracker
+
+            self._grads = GradientTracker(live_tensors(model))
         if self.active:
             self._worker = threading.Thread(target=self._work, name="layerscope-monitor", daemon=True)
             self._worker.start()
@@ -141,25 +155,94 @@ class Monitor:
 
     # -- training side ------------------------------------------------------------------------
     def step(self, step: int) -> bool:
-        """Snapshot when ``step`` is a multiple of ``every``; True when a snapshot was queued."""
+        """Call once per optimizer step, before the loop zeroes the gradients (or at any point when
+        ``observe_gradients`` is used). Snapshot when ``step`` is a multiple of ``every``; True when a
+        snapshot was queued."""
+        if not self.active or self._closed:
+            return False
+        extra: dict[str, Any] = {}
+        if self._held is not None or self._grads is not None:
+            started = time.perf_counter()
+            try:
+                if self._held is not None and step != self._held.step:
+                    self._release_held(step)
+                if self._grads is not None:
+                    if step % self.every == 0:
+                        pending = self._grads.pending
+                        grad_sq = pending[1] if pending is not None and pending[0] == step else self._grads.grad_sq_norms()
+                        if grad_sq is not None:
+                            extra["grad_sq"] = grad_sq
+                    self._grads.end_step()
+                    if step % self.every == 0:
+                        noise = self._grads.take_noise()
+                        if noise:
+                            extra["noise"] = noise
+                        self._grads.pending = None
+            except Exception as exc:  # never into training
+                self._error(f"gradients at step {step} failed: {type(exc).__name__}: {exc}")
+            finally:
+                spent = time.perf_counter() - started
+                self.stats.blocked_seconds += spent
+                self.stats.gradient_seconds += spent
         if step % self.every:
             return False
-        return self.submit(step)
+        return self.submit(step, extra, _hold=True)
 
-    def submit(self, step: int) -> bool:
-        """Snapshot the weights now, for analysis in the background; False when skipped."""
+    def observe_gradients(self, step: int) -> None:
+        """Read the gradient norms now, for the snapshot of ``step`` (from a callback that runs before
+        the optimizer step when ``step()`` runs after ``zero_grad``, as in the HF and Lightning ones)."""
+        if self._grads is None or self._closed or step % self.every:
+            return
+        self._timed(lambda: setattr(self._grads, "pending", (step, self._grads.grad_sq_norms())))
+
+    def observe_micro_batch(self, batch_size: int) -> None:
+        """After each micro-batch's ``backward()`` under gradient accumulation: the noise scale from
+        the micro-batch (``batch_size`` examples) and accumulated gradients (see ``monitor.gradients``)."""
+        if self._grads is not None and not self._closed:
+            self._timed(lambda: self._grads.observe_micro_batch(batch_size))
+
+    def observe_batch_sizes(self, small_sq_norm: float, small_batch: float, big_sq_norm: float, big_batch: float) -> None:
+        """Squared gradient norms at two batch sizes measured by the caller (e.g. one rank's gradient
+        before DDP's all-reduce and the all-reduced one): the noise scale at the next snapshot."""
+        if self._grads is not None and not self._closed:
+            self._grads.observe_batch_sizes(small_sq_norm, small_batch, big_sq_norm, big_batch)
+
+    def _timed(self, fn) -> None:
+        started = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # never into training
+            self._error(f"gradients failed: {type(exc).__name__}: {exc}")
+        finally:
+            spent = time.perf_counter() - started
+            self.stats.blocked_seconds += spent
+            self.stats.gradient_seconds += spent
+
+    def _release_held(self, step: int | None) -> None:
+        """Queue the held snapshot, with the companion copy of the weights at ``step`` (None: without)."""
+        snap, self._held = self._held, None
+        if step is not None:
+            try:
+                self._snapshots.companion(snap, step)
+            except Exception as exc:
+                self._error(f"update-ratio copy at step {step} failed: {type(exc).__name__}: {exc}")
+        self._queue.put(snap)
+
+    def submit(self, step: int, extra: dict[str, Any] | None = None, _hold: bool = False) -> bool:
+        """Snapshot the weights now, for analysis in the background; False when skipped. (From
+        ``step()``, the snapshot waits for the next ``step()`` for its update-ratio copy.)"""
         if not self.active or self._closed:
             return False
         started = time.perf_counter()
         try:
-            return self._submit(step)
+            return self._submit(step, extra or {}, _hold)
         except Exception as exc:  # never into training
             self._error(f"snapshot at step {step} failed: {type(exc).__name__}: {exc}")
             return False
         finally:
             self.stats.blocked_seconds += time.perf_counter() - started
 
-    def _submit(self, step: int) -> bool:
+    def _submit(self, step: int, extra: dict[str, Any], hold: bool = False) -> bool:
         if self._worker is None or not self._worker.is_alive():
             self._warn_once("worker", "monitor worker is not running; snapshots are skipped")
             self.stats.skipped_full += 1
@@ -183,8 +266,14 @@ class Monitor:
             self._snapshots.give_back(slot)  # a failed copy must not leak its slot
             raise
         snap.taken_at = time.perf_counter()
+        snap.extra.update(extra)
         self.stats.submitted += 1
-        self._queue.put(snap)
+        if self._held is not None:  # a snapshot every step: no companion for the previous one
+            self._release_held(None)
+        if hold and self._grads is not None and self.update_ratio:
+            self._held = snap  # queued at the next step(), with one optimizer update's copy
+        else:
+            self._queue.put(snap)
         return True
 
     def _acquire_slot(self) -> int | None:
@@ -244,7 +333,11 @@ class Monitor:
         summary: dict[str, float] = {}
         if self.drift:
             self._add_drift(table, tensors, summary)
-        matrices = table[table["shape"].str.contains("×")]
+        matrices = table[table["shape"].str.contains("×")].copy()
+        if self._grads is not None:
+            from .gradients import gradient_columns
+
+            gradient_columns(matrices, tensors, snap.extra, self._grads.names, summary)
         histograms = {name: _histogram(tensors[name]) for name in matrices["name"] if name in tensors}
         summary.update(_summarise(matrices))
         return MonitorRecord(snap.step, matrices.reset_index(drop=True), summary, histograms,
@@ -284,6 +377,8 @@ class Monitor:
         """Wait (at most ``timeout`` s, default ``close_timeout``) for queued snapshots, then close the sinks."""
         if self._closed:
             return self.stats
+        if self._held is not None:
+            self._release_held(None)
         self._closed = True
         if self._worker is not None:
             self._queue.put(None)

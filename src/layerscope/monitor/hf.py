@@ -26,6 +26,12 @@ class LayerscopeCallback(TrainerCallback):
             every = self.every or max(1, int(args.logging_steps))
             self.monitor = Monitor(model, every=every, **self.monitor_kwargs)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # the Trainer zeroes the gradients before on_step_end: read them here (global_step is the
+        # number of updates done; this one will be global_step + 1)
+        if self.monitor is not None:
+            self.monitor.observe_gradients(state.global_step + 1)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
             self.monitor.step(state.global_step)

@@ -28,6 +28,11 @@ class LayerscopeLightningCallback(Callback):
         if trainer.is_global_zero and self.monitor is None:
             self.monitor = Monitor(pl_module, every=self.every, **self.monitor_kwargs)
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # gradients exist here (after clipping); global_step counts the updates done so far
+        if self.monitor is not None:
+            self.monitor.observe_gradients(trainer.global_step + 1)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor is not None:
             self.monitor.step(trainer.global_step)

@@ -70,7 +70,8 @@ class ConsoleSink(Sink):
     """One short line per snapshot."""
 
     KEYS = (("entropy_rank/mean", "entropy_rank"), ("stable_rank/mean", "stable_rank"), ("alpha/mean", "alpha"),
-            ("drift/from_prev", "drift/prev"), ("drift/from_first", "drift/first"))
+            ("drift/from_prev", "drift/prev"), ("drift/from_first", "drift/first"), ("grad/norm", "‖g‖"),
+            ("update/ratio/median", "‖Δθ‖/‖θ‖ median (rule of thumb ~1e-3)"), ("noise/B_simple", "B_simple"))
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream

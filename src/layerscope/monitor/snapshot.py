@@ -64,6 +64,7 @@ class Snapshotter:
         for slot in range(slots):
             self._free.put(slot)
         self._stream = None
+        self._companions: list[dict[str, torch.Tensor] | None] = [None] * slots
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return live_tensors(self.model)
@@ -84,12 +85,22 @@ class Snapshotter:
 
     def take(self, step: int, slot: int) -> Snapshot:
         """Copy the weights into ``slot`` (from ``acquire``)."""
+        buffers, event = self._copy(self._buffers, slot)
+        return Snapshot(step, buffers, slot, event)
+
+    def companion(self, snap: Snapshot, step: int) -> None:
+        """A second copy of the weights into the slot's companion buffers (``snap.extra['after']``):
+        the step after a snapshot, so the worker sees one optimizer update (update-to-weight ratio)."""
+        buffers, event = self._copy(self._companions, snap.slot)
+        snap.extra.update(after=buffers, after_event=event, after_step=step)
+
+    def _copy(self, pool: list, slot: int) -> tuple[dict[str, torch.Tensor], Any]:
         live = self.tensors()
-        buffers = self._buffers[slot]
+        buffers = pool[slot]
         if buffers is None or buffers.keys() != live.keys() or any(
                 buffers[n].shape != t.shape or buffers[n].dtype != t.dtype for n, t in live.items()):
             buffers = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for n, t in live.items()}
-            self._buffers[slot] = buffers
+            pool[slot] = buffers
         event = None
         with torch.no_grad():
             cuda = [t for t in live.values() if t.is_cuda]
@@ -108,7 +119,7 @@ class Snapshotter:
             else:
                 for n, t in live.items():
                     buffers[n].copy_(t.detach())
-        return Snapshot(step, buffers, slot, event)
+        return buffers, event
 
     def release(self, snapshot: Snapshot) -> None:
         self._free.put(snapshot.slot)

@@ -48,6 +48,11 @@ class ProbeResult:
         """The FisherResult (``probes.fisher``), when the Fisher probe ran."""
         return self.results.get("fisher")
 
+    @property
+    def gradients(self) -> Any:
+        """probes.gradients.GradientHealth, when run."""
+        return self.results.get("gradients")
+
     def tables(self) -> dict[str, pd.DataFrame]:
         """The DataFrames: per-parameter anatomy, and each probe's tables."""
         out = {"parameters": self.model.param_table()}
@@ -59,6 +64,11 @@ class ProbeResult:
                 out[f"fisher_{part}"] = getattr(self.fisher, part)
             if self.fisher.pruning is not None:
                 out["pruning_curves"] = self.fisher.pruning.curves
+        if self.gradients is not None:
+            out["gradient_tensors"] = self.gradients.tensors
+            out["gradient_groups"] = self.gradients.groups
+            if self.gradients.neurons is not None:
+                out["mlp_neurons"] = self.gradients.neurons
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,12 +146,22 @@ def _fisher_step(objective: Objective, options: dict, store: Any, key: str, cach
                         cache=cache, progress=progress)
 
 
+def _gradients_step(objective: Objective, options: dict, store: Any, key: str, cache: bool, progress: Progress | None):
+    from .gradients import GradientOptions, gradient_health
+
+    opts = options.get("gradients")
+    if not isinstance(opts, GradientOptions):
+        opts = GradientOptions(**(opts or {}))
+    return gradient_health(objective, opts, store=store if cache else None, progress=progress)
+
+
 #: name -> step(objective, options, store, key, cache, progress). Probes are run in this order.
-STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step, "fisher": _fisher_step}
+STEPS: dict[str, Callable[..., Any]] = {"hessian": _hessian_step, "fisher": _fisher_step, "gradients": _gradients_step}
 
 
 def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict = False, fisher: Any = False,
-          prune: Any = None, held_out: int | None = None, compare_data: Any = None, loss_fn: Callable | None = None,
+          prune: Any = None, held_out: int | None = None, compare_data: Any = None, gradients: bool | Any = False,
+          loss_fn: Callable | None = None,
           text_field: str | None = None, seq_len: int | None = None, batches: int = 4, batch_size: int = 8,
           seed: int = 0, device: str | None = None, dtype: str | None = None, config: Config | None = None,
           revision: str | None = None, progress: Progress | None = None, **probe_options: Any) -> ProbeResult:
@@ -152,7 +172,8 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
     fisher) for pruning curves on ``held_out`` held-out batches; compare_data: other data (paths or
     texts), each compared with ``data`` by Fisher overlap. loss_fn: for a module that is
     not a transformers LM; ``data`` is then its ``[(inputs, targets), ...]`` batches (PyHessian and
-    curvlinops' call shape). Without ``data`` an LM is evaluated on the default text
+    curvlinops' call shape). gradients: True, a ``probes.gradients.GradientOptions`` or a dict of its
+    fields (gradient health: norms, noise scale, SNR, flags, dead MLP neurons). Without ``data`` an LM is evaluated on the default text
     (``probes.data.default_text``)."""
     from ..store import Store
 
@@ -183,8 +204,10 @@ def probe(model: Any, data: Any = None, *, hessian: bool | HessianOptions | dict
                 runnable, other, text_field=text_field, seq_len=seq_len, batches=batches, batch_size=batch_size, seed=seed)
         options = {"hessian": hessian if not isinstance(hessian, bool) else {},
                    "fisher": fisher if not isinstance(fisher, bool) else {}, "prune": prune, "held_out": held_out,
-                   "fisher_others": others, **probe_options}
-        wanted = {"hessian": bool(hessian), "fisher": bool(fisher) or bool(prune) or bool(others)}
+                   "fisher_others": others, "gradients": gradients if not isinstance(gradients, bool) else {},
+                   **probe_options}
+        wanted = {"hessian": bool(hessian), "fisher": bool(fisher) or bool(prune) or bool(others),
+                  "gradients": bool(gradients)}
         result = ProbeResult(runnable, probe_data, loss)
         for name, step in STEPS.items():
             if wanted.get(name):
@@ -213,6 +236,10 @@ def print_probe(result: ProbeResult, console: Any = None) -> None:
         from .fisher_cli import print_fisher
 
         print_fisher(result.fisher, console)
+    if result.gradients is not None:
+        from .gradients import print_gradients
+
+        print_gradients(result.gradients, console)
     h = result.hessian
     if h is None:
         return

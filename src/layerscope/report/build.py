@@ -16,7 +16,7 @@ from .. import __version__
 from ..config import Config
 from ..errors import LayerscopeError
 from ..views import UNTRAINED_MARK
-from . import depth
+from . import depth, health
 from .findings import HEAVY_RULE, MP_RULE, mp_verdicts
 from .document import Document, Figure, Gallery, Items, Section, TableBlock, Text, to_html, to_markdown
 
@@ -36,6 +36,7 @@ class ModelData:
     notes: list[str] = field(default_factory=list)
     probe: Any = None  # probes.ProbeResult (the model run on data), when it was run
     activations: Any = None  # probes.activations.ActivationsResult, when it was run
+    landscapes: list = field(default_factory=list)  # probes.landscape.LandscapeResult stored for this checkpoint
 
     @property
     def table(self) -> pd.DataFrame:
@@ -81,6 +82,12 @@ def collect(path: Any, config: Config, *, embeddings: bool | None = None, cluste
             data.notes.append(f"{name}: {exc}")
         if progress:
             progress(name, 1, 1)
+    try:  # landscapes computed earlier with this checkpoint (layerscope landscape), from the store
+        from .health import stored_landscapes
+
+        data.landscapes = stored_landscapes(source, config)
+    except Exception as exc:  # the report goes on without them
+        data.notes.append(f"landscapes: {exc}")
     return data
 
 
@@ -265,6 +272,7 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
                 from .fisher import fisher_section
 
                 sections.append(fisher_section(m.probe.fisher, figures, m.label, suffix))
+        sections.extend(health.sections(m, figures, suffix))  # loss landscapes, gradient health
     if many:
         sections.append(_comparison_section(models, figures, compare_result))
     for m in models:
