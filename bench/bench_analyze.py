@@ -243,7 +243,7 @@ def breakdown_run(path: Path, store: Path) -> tuple[float, _Acc]:
         setattr(owner, attr, wrapper)
 
     def count_method(out):
-        acc.add("method:" + out[1], 0.0)
+        acc.add("method:" + out.method, 0.0)
 
     src = layerscope.open_source(str(path))
     wrap(src, "load", "read file (readinto)")
@@ -276,8 +276,8 @@ def print_breakdown(wall: float, acc: _Acc, workers: int) -> None:
         ("read file (readinto)", s.get("read file (readinto)", 0.0)),
         ("content hash", s.get("content hash", 0.0)),
         ("moments (float64 chunks)", moments),
-        ("gram matrix (float64 by default)", gram),
-        ("eigvalsh / svd fallback", spectrum - gram),
+        ("gram matrix (float32 mixed or float64)", gram),
+        ("eigvalsh, error bound, fallbacks", spectrum - gram),
         ("metrics (power-law fit etc.)", compute - moments - spectrum),
         ("  of which power-law fit", s.get("power-law fit", 0.0)),
         ("sqlite store (get/put/hash_for)", s.get("store.put (sqlite)", 0.0) + s.get("store.get (sqlite)", 0.0)
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     print(f"  floor parts of its fastest repetition (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()))
     comp, cach, secs, nrows, nfall = info["a"]
     print(f"  layerscope: {nrows} rows, computed {comp}, cached {cach} (identical 1-D norm tensors share a hash), "
-          f"result.seconds {secs:.2f}; matrices with condition number > 1e4 (float64 SVD fallback route): {nfall}")
+          f"result.seconds {secs:.2f}; matrices with condition number > 1e4 (float64 refine/SVD route): {nfall}")
     comp_d, cach_d, secs_d = info["d"]
     print(f"  cache re-run: computed {comp_d}, cached {cach_d}, result.seconds {secs_d:.3f}"
           f"  -> {'OK: recomputed nothing' if comp_d == 0 else 'PROBLEM: recomputed ' + str(comp_d)}")

@@ -195,8 +195,7 @@ def _mixed_applies(w: torch.Tensor) -> bool:
 def _mixed_on(w: torch.Tensor, shape: tuple[int, int]) -> Spectrum | None:
     """Float32 Gram with its rounding error measured, float64 ``eigvalsh``; None if it breaks down."""
     m, n = w.shape
-    g32 = w.T @ w
-    g = g32.to(torch.float64)
+    g = _gram(w, torch.float32).to(torch.float64)
     lam = torch.linalg.eigvalsh(g)
     lam_max, lam_min = float(lam[-1]), float(lam[0])
     if not lam_max > 0:
