@@ -20,7 +20,10 @@ Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute)
 (floor and layerscope timed N times interleaved, ratios from each one's fastest repetition;
 default 2); ``--breakdown`` (an extra instrumented layerscope run, not used in the ratios, that
 reports where its thread time goes); ``--f32`` (also time layerscope with dtype="float32");
-``--floor-1thread`` (also time the floor single-threaded); ``--skip-ww``; ``--root DIR``.
+``--floor-1thread`` (also time the floor single-threaded); ``--float64-route`` (also time
+layerscope with its mixed-precision route off — the float64 Gram everywhere, as before issue 16 —
+interleaved with the others, and compare every metric of both runs: max relative difference,
+target <= 1e-4); ``--skip-ww``; ``--root DIR``.
 Each measurement also prints how many cores OTHER processes kept busy meanwhile (/proc/stat, steal
 included) and a "slowdown": a fixed single-threaded matmul probe taken just before and after it,
 relative to the fastest probe of the run (1.00 = undisturbed), to tell a slow run from a disturbed
@@ -348,6 +351,9 @@ def main(argv=None) -> int:
     ap.add_argument("--floor-1thread", action="store_true",
                     help="also time the floor with torch.set_num_threads(1) (informative)")
     ap.add_argument("--breakdown", action="store_true", help="extra instrumented run: where layerscope's time goes")
+    ap.add_argument("--float64-route", action="store_true",
+                    help="also time layerscope with the mixed-precision route off (float64 Gram everywhere, the "
+                         "route before issue 16), interleaved with the others: the before/after ratio of one run")
     args = ap.parse_args(argv)
 
     n_layers = args.layers or (2 if args.small else 4)
@@ -375,6 +381,17 @@ def main(argv=None) -> int:
             with timed(times, "layerscope analyze (fresh store)"):
                 res_a = run_layerscope(path, store)
             info["a"] = (res_a.computed, res_a.cached, res_a.seconds, len(res_a.table), fallback_count(res_a.table))
+            if args.float64_route:
+                import layerscope.weights.spectrum as lspec
+
+                saved = lspec._mixed_applies
+                lspec._mixed_applies = lambda w: False
+                try:
+                    with timed(times, "layerscope, float64 route (before) [extra]"):
+                        res_64 = run_layerscope(path, tmp / f"f64-{rep}.sqlite")
+                finally:
+                    lspec._mixed_applies = saved
+                info["f64"] = res_64.table
         table = res_a.table
         # (d) cache re-run, same store as the last (a)
         with timed(times, "layerscope cache re-run (same store)"):
@@ -436,6 +453,23 @@ def main(argv=None) -> int:
     if WW in times:
         ratio_line("WeightWatcher / layerscope", WW, LS, TARGET_WW, False)
     ratio_line("layerscope / cache re-run", LS, CACHE, TARGET_CACHE, False)
+    F64 = "layerscope, float64 route (before) [extra]"
+    if F64 in times:
+        ratio_line("layerscope(float64 route) / floor", F64, FLOOR, TARGET_FLOOR, True)
+        ratio_line("layerscope / layerscope(float64 route)", LS, F64, 0, True)
+        a64 = info["f64"].set_index("name")
+        cols = [c for c in table.columns if c not in ("name", "layer", "role", "shape", "dtype", "numel", "error")]
+        worst, worst_col = 0.0, ""
+        for c in cols:
+            x = table.set_index("name")[c].astype(float)
+            y = a64[c].astype(float).reindex(x.index)
+            both = np.isfinite(x) & np.isfinite(y)
+            if both.any():
+                rel = float((np.abs(x[both] - y[both]) / np.maximum(np.abs(y[both]), 1e-300)).max())
+                if rel > worst:
+                    worst, worst_col = rel, c
+        print(f"  mixed vs float64 route, every metric of every matrix: max relative difference {worst:.2e} ({worst_col}); "
+              f"target <= 1e-4: {'PASS' if worst <= 1e-4 else 'FAIL'}")
     if F32 in times:
         ratio_line("layerscope(dtype=float32) / floor", F32, FLOOR, 0, True)
     if F1 in times:
