@@ -34,16 +34,23 @@ def test_seed_corpus_and_regressions_hold_the_contract(name):
 
 def test_regressions_are_the_crashes_found():
     """The torch pickle loader's corrupt-input exceptions (AssertionError, KeyError, IndexError,
-    TypeError, AttributeError from torch's legacy loader) are now one-line errors."""
+    TypeError, AttributeError from torch's legacy loader) are one-line errors, and a 364-byte legacy
+    pickle declaring 16 GB of storage is refused before torch allocates it."""
     found = sorted(p.name for p in (REGRESSIONS / "torch_pickle").iterdir())
-    assert len(found) >= 5
+    assert len(found) >= 6
     from layerscope.errors import LayerscopeError
     from layerscope.sources.torch_file import load_pickle
 
     for p in (REGRESSIONS / "torch_pickle").iterdir():
         with pytest.raises(LayerscopeError) as info:
             load_pickle(p)
-        assert "\n" not in str(info.value) and "cannot read PyTorch checkpoint" in str(info.value)
+        assert "\n" not in str(info.value) and "PyTorch checkpoint" in str(info.value)
+    with pytest.raises(LayerscopeError, match="declares 16000000000 bytes of tensor data in a 364-byte file"):
+        load_pickle(REGRESSIONS / "torch_pickle" / "legacy_huge_storage.bin")
+    # trainer_state.json with global_step 1e999 (inf) once raised OverflowError
+
+    for p in (REGRESSIONS / "trainer_state").iterdir():
+        TARGETS["trainer_state"](p.read_bytes())
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
