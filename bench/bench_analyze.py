@@ -20,10 +20,11 @@ Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute)
 (floor and layerscope timed N times interleaved, ratios from each one's fastest repetition;
 default 2); ``--breakdown`` (an extra instrumented layerscope run, not used in the ratios, that
 reports where its thread time goes); ``--f32`` (also time layerscope with dtype="float32");
-``--floor-1thread`` (also time the floor single-threaded); ``--float64-route`` (also time
-layerscope with its mixed-precision route off — the float64 Gram everywhere, as before issue 16 —
-interleaved with the others, and compare every metric of both runs: max relative difference,
-target <= 1e-4); ``--skip-ww``; ``--root DIR``.
+``--floor-1thread`` (also time the floor single-threaded); ``--mixed-route`` (also time
+layerscope with its certified mixed-precision route on — off by default, see
+spectrum.MIXED_ENABLED — interleaved with the others, and compare every metric of both runs:
+max relative difference, target <= 1e-4); ``--old-threads`` (also time layerscope with pool
+workers NOT setting their torch thread count, as before issue 16); ``--skip-ww``; ``--root DIR``.
 Each measurement also prints how many cores OTHER processes kept busy meanwhile (/proc/stat, steal
 included) and a "slowdown": a fixed single-threaded matmul probe taken just before and after it,
 relative to the fastest probe of the run (1.00 = undisturbed), to tell a slow run from a disturbed
@@ -351,9 +352,11 @@ def main(argv=None) -> int:
     ap.add_argument("--floor-1thread", action="store_true",
                     help="also time the floor with torch.set_num_threads(1) (informative)")
     ap.add_argument("--breakdown", action="store_true", help="extra instrumented run: where layerscope's time goes")
-    ap.add_argument("--float64-route", action="store_true",
-                    help="also time layerscope with the mixed-precision route off (float64 Gram everywhere, the "
-                         "route before issue 16), interleaved with the others: the before/after ratio of one run")
+    ap.add_argument("--old-threads", action="store_true",
+                    help="also time layerscope with pool workers keeping torch's default thread count (before issue 16)")
+    ap.add_argument("--mixed-route", action="store_true",
+                    help="also time layerscope with the (default-off) certified mixed-precision route on, "
+                         "interleaved with the others, and compare every metric with the default run")
     args = ap.parse_args(argv)
 
     n_layers = args.layers or (2 if args.small else 4)
@@ -381,17 +384,26 @@ def main(argv=None) -> int:
             with timed(times, "layerscope analyze (fresh store)"):
                 res_a = run_layerscope(path, store)
             info["a"] = (res_a.computed, res_a.cached, res_a.seconds, len(res_a.table), fallback_count(res_a.table))
-            if args.float64_route:
+            if args.old_threads:
+                import layerscope.pipeline as lpipe
+
+                saved = lpipe.set_worker_threads
+                lpipe.set_worker_threads = lambda count: None
+                try:
+                    with timed(times, "layerscope, workers at default threads [extra]"):
+                        run_layerscope(path, tmp / f"threads-{rep}.sqlite")
+                finally:
+                    lpipe.set_worker_threads = saved
+            if args.mixed_route:
                 import layerscope.weights.spectrum as lspec
 
-                saved = lspec._mixed_applies
-                lspec._mixed_applies = lambda w: False
+                lspec.MIXED_ENABLED = True
                 try:
-                    with timed(times, "layerscope, float64 route (before) [extra]"):
-                        res_64 = run_layerscope(path, tmp / f"f64-{rep}.sqlite")
+                    with timed(times, "layerscope, mixed route on [extra]"):
+                        res_mx = run_layerscope(path, tmp / f"mixed-{rep}.sqlite")
                 finally:
-                    lspec._mixed_applies = saved
-                info["f64"] = res_64.table
+                    lspec.MIXED_ENABLED = False
+                info["mixed"] = res_mx.table
         table = res_a.table
         # (d) cache re-run, same store as the last (a)
         with timed(times, "layerscope cache re-run (same store)"):
@@ -453,15 +465,18 @@ def main(argv=None) -> int:
     if WW in times:
         ratio_line("WeightWatcher / layerscope", WW, LS, TARGET_WW, False)
     ratio_line("layerscope / cache re-run", LS, CACHE, TARGET_CACHE, False)
-    F64 = "layerscope, float64 route (before) [extra]"
-    if F64 in times:
-        ratio_line("layerscope(float64 route) / floor", F64, FLOOR, TARGET_FLOOR, True)
-        ratio_line("layerscope / layerscope(float64 route)", LS, F64, 0, True)
-        a64 = info["f64"].set_index("name")
+    OT = "layerscope, workers at default threads [extra]"
+    if OT in times:
+        ratio_line("layerscope / layerscope(old threads)", LS, OT, 0, True)
+    MX = "layerscope, mixed route on [extra]"
+    if MX in times:
+        ratio_line("layerscope(mixed route) / floor", MX, FLOOR, TARGET_FLOOR, True)
+        ratio_line("layerscope(mixed route) / layerscope", MX, LS, 0, True)
+        a64 = table.set_index("name")
         cols = [c for c in table.columns if c not in ("name", "layer", "role", "shape", "dtype", "numel", "error")]
         worst, worst_col = 0.0, ""
         for c in cols:
-            x = table.set_index("name")[c].astype(float)
+            x = info["mixed"].set_index("name")[c].astype(float)
             y = a64[c].astype(float).reindex(x.index)
             both = np.isfinite(x) & np.isfinite(y)
             if both.any():

@@ -170,6 +170,16 @@ def test_procrustes_drift_of_a_rotated_copy_is_zero(rows, cols, seed, scale):
 @given(st.integers(0, 10_000), st.floats(1.0, 3.0), st.sampled_from([(600, 160), (1200, 200), (400, 130)]))
 def test_certified_mixed_precision_matches_float64(seed, decades, shape):
     """Whatever the mixed route certifies is within 1e-4 of the float64 route (ranks exactly)."""
+    import layerscope.weights.spectrum as spectrum
+
+    spectrum.MIXED_ENABLED = True  # off by default (see spectrum.MIXED_ENABLED)
+    try:
+        _check_mixed(seed, decades, shape)
+    finally:
+        spectrum.MIXED_ENABLED = False
+
+
+def _check_mixed(seed, decades, shape):
     m, n = shape
     rng = np.random.default_rng(seed)
     s = np.sort(10.0 ** rng.uniform(-decades, 0.0, n))[::-1]
@@ -182,6 +192,7 @@ def test_certified_mixed_precision_matches_float64(seed, decades, shape):
         return True  # accept, to compare every certified metric below
 
     mixed = singular_values(w, "float64", certify=certify)
+    assert mixed.method in ("gram32+bound", "gram64", "gram64+refined", "svd64")
     exact = singular_values(w, "float64")
     assert exact.rel_err is None
     if mixed.rel_err is None:  # the bound could not even bracket σ_min: nothing to compare

@@ -9,7 +9,8 @@ eigenvalues lose the smallest singular value — gets σ_min recomputed from a Q
 may be rank deficient, so the numerical rank stays exact).
 ``float32`` mode is the plain fast route, accurate for the large singular values only.
 
-Mixed precision (the default float64 mode, for tall float32 matrices — see ``_mixed_on``): the Gram
+Mixed precision (float64 mode, for tall float32 matrices, when ``MIXED_ENABLED`` — off by default,
+see there why — see ``_mixed_on``): the Gram
 matrix, the largest cost beside the eigensolver, is formed in float32 (half the time of the
 float64 ``syrk``), its rounding error ``E = fl32(WᵀW) − WᵀW`` is measured a posteriori in float64
 by a randomised power iteration on ``E``, and ``eigvalsh`` runs in float64 on it. By Weyl,
@@ -46,6 +47,13 @@ BLOCK_BYTES = 64 << 20  # float64 bytes per row block of the Gram accumulation
 #: be certified from a float32 Gram, so they go straight to the float64 route (speed only).
 MIXED_MIN_ASPECT = 2.0
 MIXED_MIN_N = 128
+#: Off by default: measured on bench_analyze's 308M checkpoint (2-core CPU), the error estimate
+#: costs more than the float32 Gram saves (34 s vs 23 s float64 Gram on the 32000×2048 embedding,
+#: single thread, loaded machine) and the power-law fit of random-init matrices cannot certify
+#: (their KS distances are too flat near the minimum), so every matrix also took the float64
+#: route: the whole run was 2× slower. On trained matrices the certificates pass more often
+#: (7 of MiniLM's 13 tall matrices). Kept, tested, for an error estimate that costs less.
+MIXED_ENABLED = False
 #: Randomised estimate of ‖E‖₂: a block of ERR_BLOCK Gaussian vectors, ERR_ITERS power steps,
 #: bound = ERR_SAFETY × estimate. For one vector, P(‖E‖ > θ·est) ≤ 0.8·θ^(-k/2)·√n (Dixon 1983,
 #: k power steps); the block's maximum fails only if all vectors do: with θ = 5, k = 8, n = 2048,
@@ -189,7 +197,7 @@ def _singular_values_on(w: torch.Tensor, precision: str, certify=None) -> Spectr
 
 def _mixed_applies(w: torch.Tensor) -> bool:
     m, n = w.shape
-    return w.dtype == torch.float32 and n >= MIXED_MIN_N and m >= MIXED_MIN_ASPECT * n
+    return MIXED_ENABLED and w.dtype == torch.float32 and n >= MIXED_MIN_N and m >= MIXED_MIN_ASPECT * n
 
 
 def _mixed_on(w: torch.Tensor, shape: tuple[int, int]) -> Spectrum | None:
