@@ -20,7 +20,11 @@ Options: ``--small`` (2 layers, d_model 512: a smoke run of well under a minute)
 (floor and layerscope timed N times interleaved, ratios from each one's fastest repetition;
 default 2); ``--breakdown`` (an extra instrumented layerscope run, not used in the ratios, that
 reports where its thread time goes); ``--f32`` (also time layerscope with dtype="float32");
-``--floor-1thread`` (also time the floor single-threaded); ``--skip-ww``; ``--root DIR``.
+``--floor-1thread`` (also time the floor single-threaded); ``--mixed-route`` (also time
+layerscope with its certified mixed-precision route on — off by default, see
+spectrum.MIXED_ENABLED — interleaved with the others, and compare every metric of both runs:
+max relative difference, target <= 1e-4); ``--old-threads`` (also time layerscope with pool
+workers NOT setting their torch thread count, as before issue 16); ``--skip-ww``; ``--root DIR``.
 Each measurement also prints how many cores OTHER processes kept busy meanwhile (/proc/stat, steal
 included) and a "slowdown": a fixed single-threaded matmul probe taken just before and after it,
 relative to the fastest probe of the run (1.00 = undisturbed), to tell a slow run from a disturbed
@@ -243,7 +247,7 @@ def breakdown_run(path: Path, store: Path) -> tuple[float, _Acc]:
         setattr(owner, attr, wrapper)
 
     def count_method(out):
-        acc.add("method:" + out[1], 0.0)
+        acc.add("method:" + out.method, 0.0)
 
     src = layerscope.open_source(str(path))
     wrap(src, "load", "read file (readinto)")
@@ -276,8 +280,8 @@ def print_breakdown(wall: float, acc: _Acc, workers: int) -> None:
         ("read file (readinto)", s.get("read file (readinto)", 0.0)),
         ("content hash", s.get("content hash", 0.0)),
         ("moments (float64 chunks)", moments),
-        ("gram matrix (float64 by default)", gram),
-        ("eigvalsh / svd fallback", spectrum - gram),
+        ("gram matrix (float32 mixed or float64)", gram),
+        ("eigvalsh, error bound, fallbacks", spectrum - gram),
         ("metrics (power-law fit etc.)", compute - moments - spectrum),
         ("  of which power-law fit", s.get("power-law fit", 0.0)),
         ("sqlite store (get/put/hash_for)", s.get("store.put (sqlite)", 0.0) + s.get("store.get (sqlite)", 0.0)
@@ -348,6 +352,11 @@ def main(argv=None) -> int:
     ap.add_argument("--floor-1thread", action="store_true",
                     help="also time the floor with torch.set_num_threads(1) (informative)")
     ap.add_argument("--breakdown", action="store_true", help="extra instrumented run: where layerscope's time goes")
+    ap.add_argument("--old-threads", action="store_true",
+                    help="also time layerscope with pool workers keeping torch's default thread count (before issue 16)")
+    ap.add_argument("--mixed-route", action="store_true",
+                    help="also time layerscope with the (default-off) certified mixed-precision route on, "
+                         "interleaved with the others, and compare every metric with the default run")
     args = ap.parse_args(argv)
 
     n_layers = args.layers or (2 if args.small else 4)
@@ -375,6 +384,26 @@ def main(argv=None) -> int:
             with timed(times, "layerscope analyze (fresh store)"):
                 res_a = run_layerscope(path, store)
             info["a"] = (res_a.computed, res_a.cached, res_a.seconds, len(res_a.table), fallback_count(res_a.table))
+            if args.old_threads:
+                import layerscope.pipeline as lpipe
+
+                saved = lpipe.set_worker_threads
+                lpipe.set_worker_threads = lambda count: None
+                try:
+                    with timed(times, "layerscope, workers at default threads [extra]"):
+                        run_layerscope(path, tmp / f"threads-{rep}.sqlite")
+                finally:
+                    lpipe.set_worker_threads = saved
+            if args.mixed_route:
+                import layerscope.weights.spectrum as lspec
+
+                lspec.MIXED_ENABLED = True
+                try:
+                    with timed(times, "layerscope, mixed route on [extra]"):
+                        res_mx = run_layerscope(path, tmp / f"mixed-{rep}.sqlite")
+                finally:
+                    lspec.MIXED_ENABLED = False
+                info["mixed"] = res_mx.table
         table = res_a.table
         # (d) cache re-run, same store as the last (a)
         with timed(times, "layerscope cache re-run (same store)"):
@@ -416,7 +445,7 @@ def main(argv=None) -> int:
     print(f"  floor parts of its fastest repetition (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()))
     comp, cach, secs, nrows, nfall = info["a"]
     print(f"  layerscope: {nrows} rows, computed {comp}, cached {cach} (identical 1-D norm tensors share a hash), "
-          f"result.seconds {secs:.2f}; matrices with condition number > 1e4 (float64 SVD fallback route): {nfall}")
+          f"result.seconds {secs:.2f}; matrices with condition number > 1e4 (float64 refine/SVD route): {nfall}")
     comp_d, cach_d, secs_d = info["d"]
     print(f"  cache re-run: computed {comp_d}, cached {cach_d}, result.seconds {secs_d:.3f}"
           f"  -> {'OK: recomputed nothing' if comp_d == 0 else 'PROBLEM: recomputed ' + str(comp_d)}")
@@ -436,6 +465,26 @@ def main(argv=None) -> int:
     if WW in times:
         ratio_line("WeightWatcher / layerscope", WW, LS, TARGET_WW, False)
     ratio_line("layerscope / cache re-run", LS, CACHE, TARGET_CACHE, False)
+    OT = "layerscope, workers at default threads [extra]"
+    if OT in times:
+        ratio_line("layerscope / layerscope(old threads)", LS, OT, 0, True)
+    MX = "layerscope, mixed route on [extra]"
+    if MX in times:
+        ratio_line("layerscope(mixed route) / floor", MX, FLOOR, TARGET_FLOOR, True)
+        ratio_line("layerscope(mixed route) / layerscope", MX, LS, 0, True)
+        a64 = table.set_index("name")
+        cols = [c for c in table.columns if c not in ("name", "layer", "role", "shape", "dtype", "numel", "error")]
+        worst, worst_col = 0.0, ""
+        for c in cols:
+            x = info["mixed"].set_index("name")[c].astype(float)
+            y = a64[c].astype(float).reindex(x.index)
+            both = np.isfinite(x) & np.isfinite(y)
+            if both.any():
+                rel = float((np.abs(x[both] - y[both]) / np.maximum(np.abs(y[both]), 1e-300)).max())
+                if rel > worst:
+                    worst, worst_col = rel, c
+        print(f"  mixed vs float64 route, every metric of every matrix: max relative difference {worst:.2e} ({worst_col}); "
+              f"target <= 1e-4: {'PASS' if worst <= 1e-4 else 'FAIL'}")
     if F32 in times:
         ratio_line("layerscope(dtype=float32) / floor", F32, FLOOR, 0, True)
     if F1 in times:

@@ -217,3 +217,23 @@ def test_cli_clusters_positions_separately(tmp_path, capsys):
     data = json.loads(out.read_text())["matrices"]
     assert list(data) == ["embed.position"] and data["embed.position"]["rows"] == 512
     assert data["embed.position"]["clusters"][0]["text"][0].startswith("position ")
+
+
+def test_clusters_equal_the_per_k_silhouette_path():
+    """The silhouette distances computed once give the choice and labels of the previous path, which
+    recomputed them for every k through sklearn (same seeded rows)."""
+    from sklearn.metrics import silhouette_score
+
+    from layerscope.weights.clusters import _kmeans, cluster_rows
+
+    x = open_source(checkpoints.minilm_dir()).load("embeddings.word_embeddings.weight")[:3000]
+    ks = [2, 4, 8, 16]
+    got = cluster_rows(x, ks, seed=0, silhouette_sample=1000, with_labels=True)
+    xn = torch.nn.functional.normalize(x.double(), dim=1).float().numpy()
+    sils = []
+    for k in ks:
+        labels = _kmeans(k, len(xn), 0).fit(xn).labels_
+        sils.append(silhouette_score(xn, labels, metric="cosine", sample_size=1000, random_state=0))
+    assert [s["silhouette"] for s in got["scores"]] == pytest.approx(sils, rel=1e-5)
+    assert got["chosen_k"] == ks[int(np.argmax(sils))]
+    np.testing.assert_array_equal(got["labels"], _kmeans(got["chosen_k"], len(xn), 0).fit(xn).labels_)

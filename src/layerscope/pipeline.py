@@ -30,7 +30,7 @@ from .config import Config
 from .errors import LayerscopeError
 from .weights.metrics import Metric, moments, select_metrics
 from .sources import Source, open_source
-from .weights.spectrum import Spectrum, singular_values
+from .weights.spectrum import Spectrum, singular_values, spectrum_record, stored_spectrum
 from .store import Store
 
 IDENTITY_COLUMNS = ["name", "layer", "role", "shape", "dtype", "numel"]
@@ -104,6 +104,7 @@ class _Runner:
         self.computed = 0
         self.cached = 0
         self._count_lock = threading.Lock()
+        self._threads = torch.get_num_threads()  # what each worker thread sets for itself
 
     def run(self, progress: ProgressCallback | None, manage_threads: bool = True) -> dict[str, list[dict[str, Any]]]:
         names = sorted(self.source.names(), key=lambda n: -self.source.infos[n].numel)
@@ -112,10 +113,12 @@ class _Runner:
         total = len(names)
         queue = iter(names)
         with _torch_threads(workers) if manage_threads else nullcontext():
-            # torch's intra-op thread count is per thread: without management, the pool's threads
-            # take the caller's (the training monitor runs its analysis single-threaded)
-            init = {} if manage_threads else {"initializer": torch.set_num_threads, "initargs": (torch.get_num_threads(),)}
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="layerscope", **init)
+            # torch's intra-op thread count is per thread: every pool thread sets its own, through
+            # the initializer the monitor's worker uses too. Managed: the cores divided among the
+            # workers; unmanaged: the caller's (the training monitor runs its analysis single-threaded)
+            self._threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="layerscope", initializer=set_worker_threads,
+                                      initargs=(self._threads,))
             pending: dict[Future, str] = {}
             try:
                 # never more tensors in flight than workers: memory stays bounded by the largest ones
@@ -132,7 +135,9 @@ class _Runner:
                         if nxt is not None:
                             pending[pool.submit(self.analyse_tensor, nxt)] = nxt
                         elif len(pending) == 1 and workers > 1 and manage_threads:
-                            _use_all_cores()  # the last tensor in flight gets the idle workers' cores
+                            # the last tensor in flight gets the idle workers' cores (its worker
+                            # raises its own torch count before its decomposition)
+                            self._threads = _use_all_cores()
             finally:
                 # on Ctrl-C do not wait for decompositions in flight; finished tensors are already stored
                 pool.shutdown(wait=not pending, cancel_futures=True)
@@ -178,10 +183,12 @@ class _Runner:
         mom = moments(matrix)
         problem = spectrum_problem(matrix, mom)
         errors = [problem] if problem else []
-        spec, spectrum_record = None, None
+        spec, record = None, None
         if not problem and matrix.dim() == 2 and any(m.needs == "spectrum" for m in missing):
+            if torch.get_num_threads() != self._threads:
+                set_worker_threads(self._threads)
             try:
-                spec, spectrum_record = self._spectrum(matrix, part_hash)
+                spec, record = self._spectrum(matrix, part_hash, missing)
             except Exception as exc:  # e.g. LAPACK not converging: this matrix loses its spectrum, no more
                 errors.append(f"spectrum failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         for m in missing:
@@ -196,17 +203,23 @@ class _Runner:
                 values[(m.name, m.key)] = math.nan
                 errors.append(f"{m.name} failed: {type(exc).__name__}: {exc}")
         values[ERROR_KEY] = "; ".join(errors)
-        return values, spectrum_record
+        return values, record
 
-    def _spectrum(self, matrix: torch.Tensor, part_hash: str) -> tuple[Spectrum, tuple[str, np.ndarray] | None]:
+    def _spectrum(self, matrix: torch.Tensor, part_hash: str,
+                  missing: list[Metric]) -> tuple[Spectrum, tuple[str, np.ndarray] | None]:
         precision = self.config.dtype
         shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        spectral = [m for m in missing if m.needs == "spectrum"]
+
+        def certify(spec: Spectrum) -> bool:
+            return all(m.certified(spec) for m in spectral)
+
         if self.config.cache:
-            sv = self.store.spectrum(part_hash, precision)
-            if sv is not None:
-                return Spectrum(sv, shape, "stored"), None
-        sv, method = singular_values(matrix, precision, self.config.device)
-        return Spectrum(sv, shape, method), (precision, sv)
+            spec = stored_spectrum(self.store, part_hash, precision, shape)
+            if spec is not None and certify(spec):
+                return spec, None
+        spec = singular_values(matrix, precision, self.config.device, certify=certify)
+        return spec, spectrum_record(spec, precision)
 
     def _row(self, name: str, part: Part, shape: tuple[int, ...], values: dict[tuple[str, str], Any]) -> dict[str, Any]:
         entry = self.anatomy.entries[name]
@@ -292,13 +305,20 @@ def _torch_threads(workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _use_all_cores() -> None:
+def set_worker_threads(count: int) -> None:
+    """Torch's intra-op thread count for the calling thread (the pool's and the monitor's worker
+    initializer): OpenMP/MKL keep it per thread, so a new thread does not inherit its creator's."""
+    torch.set_num_threads(max(1, int(count)))
+
+
+def _use_all_cores() -> int:
     """Raise the thread counts to every core; ``_torch_threads`` restores them when the run ends."""
     from threadpoolctl import threadpool_limits
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     threadpool_limits(limits=cores, user_api="blas")
+    return cores
 
 
 def _resolve_tied(anatomy: Anatomy, hashes: dict[str, str]) -> None:

@@ -47,7 +47,7 @@ def _step_of(path: Path) -> int | None:
     if state.is_file():
         try:
             return int(json.loads(state.read_text())["global_step"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, OSError):  # 1e999 -> inf (found by fuzzing)
             pass
     if path.is_file() and path.name.endswith(PICKLE_SUFFIXES):
         try:

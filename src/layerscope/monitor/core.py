@@ -299,7 +299,9 @@ class Monitor:
         # per calling thread, so this leaves the training thread's setting as it was (tested);
         # without it every small op of the analysis wakes a team of spinning threads that
         # compete with training for the cores.
-        torch.set_num_threads(1)
+        from ..pipeline import set_worker_threads
+
+        set_worker_threads(1)
         while True:
             snap = self._queue.get()
             if snap is None:

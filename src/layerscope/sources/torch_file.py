@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,47 @@ from .base import Source, TensorInfo, dtype_name, file_fingerprint, normalise_na
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
+def _legacy_storage_bytes(path: Path) -> int:
+    """Bytes of storage a legacy (non-zip) torch pickle declares, read from its opcodes without loading.
+
+    torch's legacy loader allocates each declared storage BEFORE reading its bytes, so a
+    400-byte file could ask for gigabytes (found while fuzzing): the declared sizes are checked
+    against the file size first. A persistent id is ('storage', type, key, location, numel, ...);
+    its numel is the largest integer between the tuple's MARK and the BINPERSID.
+    """
+    import pickletools
+
+    declared = 0
+    with open(path, "rb") as f:
+        for _ in range(4):  # magic number, protocol, sys info, then the object pickle
+            ints: list[int] = []
+            for op, arg, _pos in pickletools.genops(f):
+                if op.name == "MARK":
+                    ints = []
+                elif isinstance(arg, int) and not isinstance(arg, bool) and op.name.startswith(("BININT", "INT", "LONG")):
+                    ints.append(arg)
+                elif op.name == "BINPERSID" and ints:
+                    declared += 8 * max(ints)  # 8 bytes: the widest element type
+                if op.name == "STOP":
+                    break
+    return declared
+
+
 def load_pickle(path: Path) -> Any:
     mmap = zipfile.is_zipfile(path)
+    if not mmap:
+        try:
+            declared = _legacy_storage_bytes(path)
+        except Exception:  # noqa: BLE001 - not even a pickle stream: torch.load below says so
+            declared = 0
+        size = path.stat().st_size
+        if declared > size:
+            raise LayerscopeError(f"{path}: corrupt PyTorch checkpoint: it declares {declared} bytes of tensor data "
+                                  f"in a {size}-byte file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # corrupt files trigger torch warnings ("pickle protocol 81"):
+            warnings.simplefilter("ignore")  # the one-line error below says it all
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Weights only load failed" in first:
@@ -33,7 +71,8 @@ def load_pickle(path: Path) -> Any:
                 f"{path}: refused: the pickle contains objects other than tensors, and layerscope never executes code from a checkpoint (weights_only=True)"
             ) from None
         raise LayerscopeError(f"{path}: corrupt PyTorch checkpoint: {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: torch's loaders raise AssertionError,
+        # KeyError, IndexError, struct.error ... on corrupt input (found by fuzzing); all mean "corrupt"
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LayerscopeError(f"{path}: cannot read PyTorch checkpoint: {msg}") from None
 

@@ -14,10 +14,11 @@ import pandas as pd
 from ..anatomy import build_anatomy
 from ..config import Config
 from ..errors import LayerscopeError
+from .metrics import all_metrics
 from .metrics.spectral import condition_number
 from ..pipeline import read_with_hash
 from ..sources import open_source
-from .spectrum import Spectrum, singular_values
+from .spectrum import Spectrum, singular_values, spectrum_record, stored_spectrum
 from ..store import Store
 
 
@@ -31,18 +32,22 @@ def mlp_down_spectra(source: Any, config: Config | None = None, *, revision: str
                    key=lambda e: (e.layer if e.layer is not None else -1))
     if not downs:
         raise LayerscopeError(f"{src.label}: no MLP down-projection matrices found (role mlp.down)")
+    cond = all_metrics(config)["condition_number"]
+
+    def certify(spec: Spectrum) -> bool:  # the explained-variance curve is a figure; its error is ≤ 2·rel_err
+        return cond.certified(spec)
+
     rows = []
     with Store(config.resolved_store()) as store:
         for e in downs:
             tensor, digest = read_with_hash(src, store, e.name, config.cache)
-            sv = store.spectrum(digest, config.dtype) if config.cache else None
-            if sv is None:
+            spec = stored_spectrum(store, digest, config.dtype, tuple(e.shape)) if config.cache else None
+            if spec is None or not certify(spec):
                 if tensor is None:
                     tensor, _ = read_with_hash(src, store, e.name, config.cache, force=True)
-                sv, _ = singular_values(tensor, config.dtype, config.device)
-                store.put(digest, {}, (config.dtype, sv))
-            energy = np.cumsum(np.asarray(sv, dtype=np.float64) ** 2)
-            spec = Spectrum(np.asarray(sv), tuple(e.shape), "stored")
+                spec = singular_values(tensor, config.dtype, config.device, certify=certify)
+                store.put(digest, {}, spectrum_record(spec, config.dtype))
+            energy = np.cumsum(np.asarray(spec.sv, dtype=np.float64) ** 2)
             rows.append({"layer": e.layer, "name": e.name, "condition_number": condition_number(spec, config.rank_tol),
                          "explained_variance": energy / energy[-1]})
     return pd.DataFrame(rows)

@@ -40,6 +40,14 @@ def fit_powerlaw(evals: np.ndarray, thresh: float = 1e-5, min_evals: int = 8) ->
         return NO_FIT
     if n_total < SMALL_N:
         return _fit_small_n(data)
+    alphas, ds = ks_scan(data)
+    best = int(np.argmin(ds))
+    return PowerLawFit(float(alphas[best]), float(data[best]), float(ds[best]), int(n_total - best))
+
+
+def ks_scan(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted ``data`` (n >= SMALL_N): the MLE alpha and the KS distance of every candidate x_min."""
+    n_total = len(data)
     log_data = np.log(data)
     tail_log_sums = np.cumsum(log_data[::-1])[::-1]  # Σ_{j≥i} log x_j
     idx = np.arange(n_total - 1)
@@ -66,8 +74,43 @@ def fit_powerlaw(evals: np.ndarray, thresh: float = 1e-5, min_evals: int = 8) ->
             diff = np.abs(fit_cdf - emp_cdf)
         diff[j[None, :] < i[:, None]] = 0.0
         ds[i] = diff.max(axis=1)
+    return alphas, ds
+
+
+def certified_alpha_error(evals: np.ndarray, thresh: float, rel_lam: np.ndarray) -> float:
+    """Bound on the relative change of the fitted alpha when each eigenvalue ``evals[i]`` may move
+    by the relative amount ``rel_lam[i]``; inf when the fit's discrete choices might change.
+
+    The set above ``thresh`` must stay the same, and the KS-chosen x_min must win by more than
+    each candidate's KS distance can move: with ℓ_k = log(x_k / x_min) moved by at most
+    η = 2·max_k≥min log((1+r_k)/(1−r_k)) and a = alpha − 1 = n / Σℓ_k, |Δa| ≤ η·a² / (1 − η·a),
+    and the model CDF 1 − exp(−aℓ) moves by at most |Δa|/(e·(a − |Δa|)) + (a + |Δa|)·η
+    (mean-value bounds on ∂/∂a and ∂/∂ℓ); the empirical CDF keeps its order (sorted eigenvalues
+    pair by index, Weyl).
+    """
+    order = np.argsort(evals, kind="stable")
+    data = np.asarray(evals, dtype=np.float64)[order]
+    rel = np.asarray(rel_lam, dtype=np.float64)[order]
+    if np.any(~(rel < 0.1)) or np.any(np.abs(data - thresh) <= 1.01 * rel * np.abs(data)):
+        return math.inf
+    keep = data > thresh
+    data, rel = data[keep], rel[keep]
+    if len(data) < SMALL_N:
+        return math.inf  # the small-n variant's bias-corrected choice is not bounded here
+    alphas, ds = ks_scan(data)
+    # every ℓ_k of candidate j involves x_k >= x_j: the largest relative error among them
+    worst = np.maximum.accumulate(rel[::-1])[::-1][:-1]
+    eta = 2.0 * np.log((1 + worst) / (1 - worst))
+    a = alphas - 1.0
+    if not np.all(np.isfinite(a)) or np.any(eta * a >= 0.5):
+        return math.inf
+    da = eta * a * a / (1.0 - eta * a)
+    dd = da / (math.e * (a - da)) + (a + da) * eta
     best = int(np.argmin(ds))
-    return PowerLawFit(float(alphas[best]), float(data[best]), float(ds[best]), int(n_total - best))
+    others = np.delete(ds - dd, best)
+    if others.size and not (ds[best] + dd[best] < others.min()):
+        return math.inf
+    return float(da[best] / alphas[best])
 
 
 def _fit_small_n(data: np.ndarray, k_min: int = 8) -> PowerLawFit:

@@ -28,6 +28,7 @@ class Metric:
     params: tuple[tuple[str, Any], ...] = ()
     integer: bool = False
     doc: str = ""
+    certify: Callable[..., bool] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -36,6 +37,15 @@ class Metric:
 
     def __call__(self, intermediate: Any) -> Any:
         return self.fn(intermediate, **dict(self.params))
+
+    def certified(self, spectrum: Any) -> bool:
+        """Whether this metric's value from ``spectrum`` (whose singular values are each within
+        ``spectrum.rel_err`` relative of the float64 answer) is within the 1e-4 promise — and, for
+        an integer or a discrete choice, exactly the float64 one. A metric registered without a
+        certificate accepts only the float64 route."""
+        if getattr(spectrum, "rel_err", None) is None:
+            return True
+        return self.certify is not None and bool(self.certify(spectrum, **dict(self.params)))
 
 
 @dataclass
@@ -48,14 +58,20 @@ class _Registration:
     from_config: dict[str, str]
     integer: bool
     per_energy_level: bool
+    certify: Callable[..., bool] | None
 
 
 _REGISTRATIONS: list[_Registration] = []
 
 
 def register(name: str, needs: str, group: str, *, params: dict[str, Any] | None = None,
-             from_config: dict[str, str] | None = None, integer: bool = False, per_energy_level: bool = False):
+             from_config: dict[str, str] | None = None, integer: bool = False, per_energy_level: bool = False,
+             certify: Callable[..., bool] | None = None):
     """Register ``fn(intermediate, **params)`` as metric ``name``.
+
+    ``certify(spectrum, **params)`` (spectral metrics): True when the metric computed from a
+    mixed-precision spectrum (relative bound ``spectrum.rel_err`` on every σ) is certainly within
+    1e-4 of, and for discrete results equal to, the float64 value; without one, float64 is used.
 
     ``from_config`` maps a parameter to a Config field read when metrics are built.
     ``per_energy_level``: ``name`` contains ``{p}`` and one metric is made per configured level.
@@ -65,7 +81,7 @@ def register(name: str, needs: str, group: str, *, params: dict[str, Any] | None
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         _REGISTRATIONS.append(_Registration(name, needs, group, fn, dict(params or {}), dict(from_config or {}),
-                                            integer, per_energy_level))
+                                            integer, per_energy_level, certify))
         return fn
 
     return decorator
@@ -89,7 +105,8 @@ def all_metrics(config: Config | None = None) -> dict[str, Metric]:
             if reg.per_energy_level else [(reg.name, base)]
         for name, params in variants:
             out[name] = Metric(name, reg.needs, reg.group, reg.fn, tuple(sorted(params.items())), reg.integer,
-                               (reg.fn.__doc__ or "").strip().splitlines()[0] if reg.fn.__doc__ else "")
+                               (reg.fn.__doc__ or "").strip().splitlines()[0] if reg.fn.__doc__ else "",
+                               reg.certify)
     return out
 
 
