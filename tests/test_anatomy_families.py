@@ -77,12 +77,25 @@ def _check(table, mask, per_head):
     for h, (q, k, v, o) in per_head.items():
         row = rows[rows["head"] == h].iloc[0]
         for circuit, a in (("qk", q.T @ k), ("ov", o @ v)):
-            for key, want in direct_circuit(a).items():
+            if a.shape[0] != a.shape[1]:  # rectangular: no eigenvalues, the row says so
+                assert str(row[f"{circuit}_shape"]).startswith(f"{a.shape[0]}x{a.shape[1]}: rectangular")
+                assert all(np.isnan(row[f"{circuit}_{c}"]) for c in ("asymmetry", "copying_score", "top_eig_abs"))
+            for key, want in _direct(a).items():
                 got = row[f"{circuit}_{key}"]
                 if key == "energy_rank_99":
                     assert got == want
                 else:
                     assert got == pytest.approx(want, rel=1e-4, abs=1e-12), (circuit, key)
+
+
+def _direct(a):
+    """direct_circuit for a square circuit; its singular-value columns only for a rectangular one."""
+    if a.shape[0] == a.shape[1]:
+        return direct_circuit(a)
+    s = np.linalg.svd(a, compute_uv=False)
+    p, energy = s[s > 0] / s.sum(), np.cumsum(s**2)
+    return {"spectral_norm": s[0], "frobenius_norm": np.linalg.norm(a), "entropy_rank": np.exp(-(p * np.log(p)).sum()),
+            "energy_rank_99": int(np.searchsorted(energy, 0.99 * energy[-1]) + 1)}
 
 
 def _np(t):
@@ -195,6 +208,36 @@ def test_heads_hybrid_skips_the_mamba_layer_with_its_reason(tmp_path):
     s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
     _check(result.table, result.table["layer"] == 1,
            {h: (s(q, h), s(k, h // 2), s(v, h // 2), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+def test_heads_mobilebert_rectangular_ov(tmp_path):
+    """MobileBERT: q and k read the bottleneck (32), v the full width (64); OV_h = W_O,h W_V,h is 32 × 64."""
+    path, model = _build("mobilebert", tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == 2 * 4
+    attn = model.mobilebert.encoder.layer[1].attention
+    q, k, v = (_np(getattr(attn.self, x).weight) for x in ("query", "key", "value"))
+    o = _np(attn.output.dense.weight)
+    assert q.shape[1] == 32 and v.shape[1] == 64  # the forward: query(bottleneck), value(layer input)
+    s = lambda m, h: m[h * 8:(h + 1) * 8]  # noqa: E731
+    _check(table, table["layer"] == 1, {h: (s(q, h), s(k, h), s(v, h), o[:, h * 8:(h + 1) * 8]) for h in range(4)})
+    assert "qk_shape" not in table.columns  # QK is square (32 × 32): eigenvalue columns present
+    assert table["qk_copying_score"].notna().all()
+
+
+def test_heads_zamba2_shared_attention_reads_twice_the_width(tmp_path):
+    """Zamba2's shared transformer attends over [hidden ; embeddings] (128 wide) and writes 64."""
+    path, model = _build("zamba2", tmp_path)
+    result = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
+    layer = model.config.hybrid_layer_ids[0]
+    attn = model.model.layers[layer].shared_transformer.self_attn
+    nh, hd = attn.config.num_attention_heads, attn.head_dim
+    assert len(result.table) == nh and set(result.table["layer"]) == {layer}
+    q, k, v, o = (_np(getattr(attn, f"{x}_proj").weight) for x in "qkvo")
+    s = lambda m, h: m[h * hd:(h + 1) * hd]  # noqa: E731
+    g = nh // attn.config.num_key_value_heads
+    _check(result.table, result.table["layer"] == layer,
+           {h: (s(q, h), s(k, h // g), s(v, h // g), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
 
 
 def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):

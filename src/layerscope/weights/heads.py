@@ -13,6 +13,12 @@ head_dim × head_dim products (the factored-matrix trick of TransformerLens' ``F
 - nonzero eigenvalues: those of R Lᵀ (the cyclic property);
 - ‖A‖_F² = Σσ², and tr(A²) = tr((R Lᵀ)²), hence ‖A − Aᵀ‖_F² = 2‖A‖_F² − 2 tr(A²).
 
+Circuits need not be square: MobileBERT's queries and keys read the bottleneck while its values read
+the full width, and Zamba2's shared attention reads [hidden ; embeddings] (2·d_model) but writes
+d_model; OV_h = W_O,h W_V,h then maps d_in to d_out. Singular values, norms and ranks are defined
+for any shape; the eigenvalue-based columns (asymmetry, eig_*, top_eig_abs, copying_score) exist
+only for a square map and are NaN for a rectangular one, with ``{circuit}_shape`` saying why.
+
 Biases are left out of the circuits. For rotary models (Llama, Qwen2, NeoX, Phi-3 …) the QK
 kernel is the pre-rotation one: rotation by position is applied between W_Q and W_K at run time.
 """
@@ -68,26 +74,37 @@ class Circuit:
     sv: torch.Tensor  # (H, r) singular values, descending
     eig: torch.Tensor  # (H, r) complex eigenvalues of R Lᵀ
     frobenius_sq: torch.Tensor  # (H,)
-    trace_sq: torch.Tensor  # (H,) tr(A²)
-    d_model: int
+    trace_sq: torch.Tensor  # (H,) tr(A²); NaN when A is not square
+    shape: tuple[int, int]  # of A: (rows of Lᵀ, columns of R)
+
+    @property
+    def square(self) -> bool:
+        return self.shape[0] == self.shape[1]
 
 
 def factored_circuit(left: torch.Tensor, right: torch.Tensor) -> Circuit:
-    """Spectral summary of A_h = left_hᵀ right_h for left, right of shape (H, r, d)."""
+    """Spectral summary of A_h = left_hᵀ right_h for left (H, r, d_out) and right (H, r, d_in).
+
+    A is d_out × d_in; when d_out ≠ d_in it has no eigenvalues, and ``eig`` is empty, ``trace_sq`` NaN."""
     left, right = left.to(torch.float64), right.to(torch.float64)
     r1 = torch.linalg.qr(left.transpose(1, 2), mode="r").R
     r2 = torch.linalg.qr(right.transpose(1, 2), mode="r").R
     sv = torch.linalg.svdvals(r1 @ r2.transpose(1, 2))
-    small = right @ left.transpose(1, 2)  # R Lᵀ: its eigenvalues are A's nonzero ones
-    eig = torch.linalg.eigvals(small)
-    trace_sq = (small * small.transpose(1, 2)).sum(dim=(1, 2))
-    return Circuit(sv, eig, (sv**2).sum(dim=1), trace_sq, left.shape[2])
+    shape = (left.shape[2], right.shape[2])
+    if shape[0] == shape[1]:
+        small = right @ left.transpose(1, 2)  # R Lᵀ: its eigenvalues are A's nonzero ones
+        eig = torch.linalg.eigvals(small)
+        trace_sq = (small * small.transpose(1, 2)).sum(dim=(1, 2))
+    else:
+        eig = torch.zeros(left.shape[0], 0, dtype=torch.complex128)
+        trace_sq = torch.full((left.shape[0],), math.nan, dtype=torch.float64)
+    return Circuit(sv, eig, (sv**2).sum(dim=1), trace_sq, shape)
 
 
 def circuit_metrics(c: Circuit, h: int, energy_level: float = 0.99) -> dict[str, Any]:
     """The per-head columns of one circuit (without the circuit-name prefix)."""
     sv = c.sv[h].numpy()
-    spec = Spectrum(sv, (c.d_model, c.d_model), "factored")
+    spec = Spectrum(sv, c.shape, "factored")
     eig = c.eig[h].numpy()
     mags = np.abs(eig)
     top = float(mags.max()) if mags.size else 0.0
@@ -97,6 +114,14 @@ def circuit_metrics(c: Circuit, h: int, energy_level: float = 0.99) -> dict[str,
     order = np.argsort(-np.abs(eig))[:TOP_EIGS]
     total_mag = float(np.abs(nz).sum())
     valid = fro_sq > 0 and sv[0] > 0
+    if not c.square:  # no eigenvalues: say so in the row rather than leave bare NaNs
+        nan = math.nan
+        return {"spectral_norm": spectral_norm(spec) if valid else nan, "frobenius_norm": math.sqrt(fro_sq),
+                "entropy_rank": entropy_rank(spec) if valid else nan,
+                "energy_rank_99": energy_rank(spec, energy_level) if valid else nan,
+                "asymmetry": nan, "eig_real_fraction": nan, "eig_positive_fraction": nan, "top_eig_abs": nan,
+                "copying_score": nan, "top_eigs": [],
+                "shape": f"{c.shape[0]}x{c.shape[1]}: rectangular, eigenvalue columns undefined (NaN)"}
     return {
         "spectral_norm": spectral_norm(spec) if valid else math.nan,
         "frobenius_norm": math.sqrt(fro_sq),
@@ -200,15 +225,16 @@ def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack
         layout = ""
     else:
         raise LayerscopeError(f"{where} lacks q/k/v attention weights (found {sorted(by_role)})")
+    adapters = [e.name for e in anatomy.entries.values() if e.layer == layer and e.stack == stack
+                and any(f"linear_{x}_adapter" in e.name for x in "qkv")]
+    if adapters:  # Zamba2's per-block LoRA on the shared q/k/v: the circuit would silently omit it
+        raise LayerscopeError(f"{where} attention adds per-layer adapters to q/k/v ({adapters[0]}): not read")
     o = read("o")
     v_hd = v_hd or hd
     if q.shape[0] == 2 * nh * hd and k.shape[0] == nkv * hd:
         # gated queries (Qwen3-Next, Qwen3.5): q_proj gives per head [query (hd) | output gate (hd)]
         q = q.reshape(nh, 2, hd, q.shape[1])[:, 0].reshape(nh * hd, q.shape[1])
         layout = layout or "gated_q"
-    if q.shape[1] != o.shape[0]:
-        raise LayerscopeError(f"{where} attention reads a {q.shape[1]}-wide input but writes {o.shape[0]}: "
-                              f"its QK and OV circuits are not square")
     if q.shape[0] != nh * hd or k.shape[0] != nkv * hd or v.shape[0] != nkv * v_hd or o.shape[1] != nh * v_hd:
         raise LayerscopeError(
             f"{where} attention shapes q{tuple(q.shape)} k{tuple(k.shape)} o{tuple(o.shape)} "
