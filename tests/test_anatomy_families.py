@@ -240,6 +240,21 @@ def test_heads_zamba2_shared_attention_reads_twice_the_width(tmp_path):
            {h: (s(q, h), s(k, h // g), s(v, h // g), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
 
 
+def test_heads_xlnet_three_dimensional_projections(tmp_path):
+    """XLNet's q, k, v, o are (d_model, n_heads, head_dim) parameters; its forward is
+    einsum("ibh,hnd->ibnd", x, q) and einsum("ibnd,hnd->ibh", attn_vec, o): head h is W[:, h, :]."""
+    path, model = _build("xlnet", tmp_path)
+    anatomy = layerscope.inspect(path)
+    roles = {n.rsplit(".", 1)[1]: e.role for n, e in anatomy.entries.items() if ".layer.1.rel_attn." in n}
+    assert (roles["q"], roles["k"], roles["v"], roles["o"], roles["r"]) == ("attn.q", "attn.k", "attn.v", "attn.o", "attn.aux")
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    attn = model.transformer.layer[1].rel_attn
+    nh, hd = attn.n_head, attn.d_head
+    assert len(table) == 2 * nh
+    q, k, v, o = (_np(getattr(attn, x)) for x in "qkvo")  # (d_model, n_heads, head_dim)
+    _check(table, table["layer"] == 1, {h: (q[:, h].T, k[:, h].T, v[:, h].T, o[:, h]) for h in range(nh)})
+
+
 def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):
     """The skeleton's facts are cached on disk keyed by (transformers version, config): a second
     ``info`` reads them and never imports transformers, and gives the same anatomy."""

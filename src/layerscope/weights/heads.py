@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from ..anatomy import ATTENTION_ROLES, CROSS_ROLES, Anatomy, build_anatomy
+from ..anatomy.core import HEADS_3D
 from ..config import Config
 from ..errors import LayerscopeError
 from .metrics.spectral import energy_rank, entropy_rank, spectral_norm
@@ -148,7 +149,7 @@ def _blocks(anatomy: Anatomy) -> dict[tuple[str, int, bool], dict[str, Any]]:
     """Attention entries grouped by (stack, layer, cross): {role without prefix: entry}."""
     blocks: dict[tuple[str, int, bool], dict[str, Any]] = {}
     for e in anatomy.entries.values():
-        if e.layer is None or len(e.shape) != 2:
+        if e.layer is None or not (len(e.shape) == 2 or (len(e.shape) == 3 and e.layout == HEADS_3D)):
             continue
         if e.role in ATTENTION_ROLES or e.role in CROSS_ROLES:
             cross = e.role.startswith("xattn.")
@@ -205,6 +206,9 @@ def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack
         t, digest = source.read(entry.name)
         hashes.append(digest)
         w = t.to(torch.float64)
+        if entry.layout == HEADS_3D:  # (d_model, n_heads, head_dim): q/k/v read d_model, o writes it
+            w = w.reshape(w.shape[0], -1)
+            return w if role == "o" else w.T
         return w.T if entry.transposed else w
 
     where = f"layer {layer}" if not stack else f"{stack} layer {layer}"
