@@ -84,8 +84,9 @@ def _check(table, mask, per_head):
                 got = row[f"{circuit}_{key}"]
                 if key == "energy_rank_99":
                     assert got == want
-                else:
-                    assert got == pytest.approx(want, rel=1e-4, abs=1e-12), (circuit, key)
+                else:  # asymmetry² = 2‖A‖² − 2 tr(A²) cancels: for a symmetric A it is exact only to √eps
+                    tol = 1e-7 if key == "asymmetry" else 1e-12
+                    assert got == pytest.approx(want, rel=1e-4, abs=tol), (circuit, key)
 
 
 def _direct(a):
@@ -253,6 +254,26 @@ def test_heads_xlnet_three_dimensional_projections(tmp_path):
     assert len(table) == 2 * nh
     q, k, v, o = (_np(getattr(attn, x)) for x in "qkvo")  # (d_model, n_heads, head_dim)
     _check(table, table["layer"] == 1, {h: (q[:, h].T, k[:, h].T, v[:, h].T, o[:, h]) for h in range(nh)})
+
+
+def test_heads_reformer_lsh_shared_query_key(tmp_path):
+    """Reformer's LSH layer has one query_key projection (keys are the normalised queries): QK_h = W_QK,hᵀ W_QK,h."""
+    path, model = _build("reformer", tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    layers = model.reformer.encoder.layers
+    kinds = [type(b.attention.self_attention).__name__ for b in layers]
+    assert kinds == ["LocalSelfAttention", "LSHSelfAttention"]
+    nh, hd = model.config.num_attention_heads, model.config.attention_head_size
+    assert len(table) == len(layers) * nh
+    s = lambda m, h: m[h * hd:(h + 1) * hd]  # noqa: E731
+    for i, block in enumerate(layers):
+        att = block.attention.self_attention
+        q = _np(att.query_key.weight if i == 1 else att.query.weight)
+        k = q if i == 1 else _np(att.key.weight)
+        v, o = _np(att.value.weight), _np(block.attention.output.dense.weight)
+        _check(table, table["layer"] == i, {h: (s(q, h), s(k, h), s(v, h), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
+    lsh = table[table["layer"] == 1]
+    assert np.allclose(lsh["qk_asymmetry"], 0, atol=1e-7)  # W_QKᵀ W_QK is symmetric
 
 
 def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):

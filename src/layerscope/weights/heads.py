@@ -224,6 +224,12 @@ def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack
         parts = anatomy.split_qkv(entry.name, t.to(torch.float64))
         q, k, v = parts["q"], parts["k"], parts["v"]
         layout = entry.layout
+    elif {"qk", "v"} <= set(by_role):
+        # shared query-key (Reformer LSH): k_t = q_t / ‖q_t‖, so QK_h = W_QK,hᵀ W_QK,h before that per-token
+        # normalisation (not a weight, left out like RMSNorm's 1/rms)
+        q = read("qk")
+        k, v = q, read("v")
+        layout = "shared_qk"
     elif {"q", "k", "v"} <= set(by_role):
         q, k, v = read("q"), read("k"), read("v")
         layout = ""
