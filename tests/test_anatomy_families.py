@@ -276,6 +276,30 @@ def test_heads_reformer_lsh_shared_query_key(tmp_path):
     assert np.allclose(lsh["qk_asymmetry"], 0, atol=1e-7)  # W_QKᵀ W_QK is symmetric
 
 
+def test_heads_gemma3n_kv_shared_layers_use_the_storing_layers_k_v(tmp_path):
+    """Gemma-3n's last num_kv_shared_layers own only q and o; their forward reads the k, v states stored by
+    the layer that transformers' ``kv_sharing_modes`` marks "store" for the same layer type."""
+    path, model = _build("gemma3n_text", tmp_path)
+    cfg = model.config
+    modes = cfg.kv_sharing_modes
+    assert "reuse" in modes  # the tiny instance really shares
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    assert len(table) == cfg.num_hidden_layers * nh
+    s = lambda m, h: m[h * hd:(h + 1) * hd]  # noqa: E731
+    g = nh // nkv
+    for i, mode in enumerate(modes):
+        if mode != "reuse":
+            continue
+        attn = model.model.layers[i].self_attn
+        assert attn.is_kv_shared_layer and not hasattr(attn, "k_proj")
+        store = next(j for j, m in enumerate(modes) if m == "store" and cfg.layer_types[j] == cfg.layer_types[i])
+        donor = model.model.layers[store].self_attn
+        q, o = _np(attn.q_proj.weight), _np(attn.o_proj.weight)
+        k, v = _np(donor.k_proj.weight), _np(donor.v_proj.weight)
+        _check(table, table["layer"] == i, {h: (s(q, h), s(k, h // g), s(v, h // g), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
+
+
 def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):
     """The skeleton's facts are cached on disk keyed by (transformers version, config): a second
     ``info`` reads them and never imports transformers, and gives the same anatomy."""

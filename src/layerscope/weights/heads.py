@@ -173,12 +173,38 @@ def _spec(anatomy: Anatomy, stack: str, layer: int, cross: bool):
     return d.n_heads, d.n_kv_heads or d.n_heads, d.head_dim, mla, d.v_head_dim
 
 
+def kv_source_layer(config: dict[str, Any] | None, layer: int) -> int | None:
+    """The layer whose keys and values layer ``layer`` attends over, when it has none of its own.
+
+    Gemma-3n (``num_kv_shared_layers``): the last ``num_kv_shared_layers`` layers own no k/v projections
+    and reuse the k, v *states* of the last earlier layer of the same ``layer_types`` entry (transformers'
+    ``kv_sharing_modes``: that layer "stores", they "reuse"). Their QK circuit pairs their own W_Q with that
+    layer's W_K: a bilinear form between two residual-stream positions of different depth, like
+    cross-attention's. None where the config says nothing of the kind."""
+    cfg = config or {}
+    cfg = cfg.get("text_config") or cfg
+    shared, types = cfg.get("num_kv_shared_layers"), cfg.get("layer_types")
+    n = cfg.get("num_hidden_layers")
+    if not (isinstance(shared, int) and shared > 0 and isinstance(types, list) and isinstance(n, int)):
+        return None
+    first = n - shared
+    if not (first <= layer < min(n, len(types))):
+        return None
+    earlier = [i for i in range(first) if types[i] == types[layer]]
+    return earlier[-1] if earlier else None
+
+
 def attention_layers(source: Source, anatomy: Anatomy, skipped: list[Skipped] | None = None) -> Iterator[LayerAttention]:
     """Each softmax-attention block's weights; blocks that cannot be read are appended to ``skipped``."""
     skipped = skipped if skipped is not None else []
     for (stack, layer), reason in anatomy.skipped_layers.items():
         skipped.append(Skipped(stack, layer, reason))
     blocks = _blocks(anatomy)
+    for (stack, layer, cross), by_role in blocks.items():  # Gemma-3n: late layers reuse an earlier layer's k, v
+        src_layer = kv_source_layer(anatomy.config, layer)
+        donor = blocks.get((stack, src_layer, cross)) if src_layer is not None else None
+        if donor and not ({"k", "v"} & set(by_role)) and {"k", "v"} <= set(donor):
+            by_role["k"], by_role["v"] = donor["k"], donor["v"]
     if not blocks:
         why = f" ({len(anatomy.skipped_layers)} layers without softmax attention)" if anatomy.skipped_layers else ""
         raise LayerscopeError(f"{source.label}: no attention weights found (looked for roles attn.q/k/v/o or attn.qkv){why}")
