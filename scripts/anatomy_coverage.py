@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 NOT_SOFTMAX = re.compile(r"LinearAttention|LinearAttn|Mamba|DeltaAttention|DeltaNet|Lightning|RecurrentBlock|Rglru|Rwkv|RWKV|Lstm|LSTM|Hyena|Retention|ShortConv|"
                          r"Fourier|FNet|Lsh|LSH", re.I)
-ATTN_CLASS = re.compile(r"Attention|Attn", re.I)
+ATTN_CLASS = re.compile(r"(?i:Attention|Attn)|MLA$")  # LongcatFlashMLA: multi-head latent attention
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_groups_heads")
 HD_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "key_value_proj_dim", "qk_head_dim")
@@ -66,6 +66,20 @@ def softmax_attention_modules(model):
     return [(n, m) for n, m in out if not any(o.startswith(n + ".") for o, _ in out)]  # innermost
 
 
+# n_layers is the number of blocks (layer indices) in the module tree. LongCat-Flash's config derives
+# num_hidden_layers = 2 · num_layers: it counts the two attention sublayers of each block (KV-cache
+# slots), not blocks; there the truth is the length of the live model's own block list.
+BLOCKS_NOT_NUM_HIDDEN_LAYERS = {"longcat_flash"}
+
+
+def _live_blocks(model) -> int | None:
+    """Length of the live model's decoder-block ModuleList (model.model.layers or the like)."""
+    import torch
+
+    lists = [m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith(("layers", "h", "layer"))]
+    return len(lists[0]) if lists else None
+
+
 def truth(model, config):
     """Dims and expected head rows from the live model (module attributes, else config)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -85,6 +99,8 @@ def truth(model, config):
         "vocab_size": _first(text, ("vocab_size",)),
         "n_layers": _first(text, ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers")),
     }
+    if getattr(text, "model_type", "") in BLOCKS_NOT_NUM_HIDDEN_LAYERS:
+        dims["n_layers"] = _live_blocks(model)
     if first is not None:
         nh = _first(first, HEAD_ATTRS) or n_heads_cfg
         dims["n_heads"] = nh

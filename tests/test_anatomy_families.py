@@ -77,12 +77,26 @@ def _check(table, mask, per_head):
     for h, (q, k, v, o) in per_head.items():
         row = rows[rows["head"] == h].iloc[0]
         for circuit, a in (("qk", q.T @ k), ("ov", o @ v)):
-            for key, want in direct_circuit(a).items():
+            if a.shape[0] != a.shape[1]:  # rectangular: no eigenvalues, the row says so
+                assert str(row[f"{circuit}_shape"]).startswith(f"{a.shape[0]}x{a.shape[1]}: rectangular")
+                assert all(np.isnan(row[f"{circuit}_{c}"]) for c in ("asymmetry", "copying_score", "top_eig_abs"))
+            for key, want in _direct(a).items():
                 got = row[f"{circuit}_{key}"]
                 if key == "energy_rank_99":
                     assert got == want
-                else:
-                    assert got == pytest.approx(want, rel=1e-4, abs=1e-12), (circuit, key)
+                else:  # asymmetry² = 2‖A‖² − 2 tr(A²) cancels: for a symmetric A it is exact only to √eps
+                    tol = 1e-7 if key == "asymmetry" else 1e-12
+                    assert got == pytest.approx(want, rel=1e-4, abs=tol), (circuit, key)
+
+
+def _direct(a):
+    """direct_circuit for a square circuit; its singular-value columns only for a rectangular one."""
+    if a.shape[0] == a.shape[1]:
+        return direct_circuit(a)
+    s = np.linalg.svd(a, compute_uv=False)
+    p, energy = s[s > 0] / s.sum(), np.cumsum(s**2)
+    return {"spectral_norm": s[0], "frobenius_norm": np.linalg.norm(a), "entropy_rank": np.exp(-(p * np.log(p)).sum()),
+            "energy_rank_99": int(np.searchsorted(energy, 0.99 * energy[-1]) + 1)}
 
 
 def _np(t):
@@ -195,6 +209,95 @@ def test_heads_hybrid_skips_the_mamba_layer_with_its_reason(tmp_path):
     s = lambda m, h: m[h * 16:(h + 1) * 16]  # noqa: E731
     _check(result.table, result.table["layer"] == 1,
            {h: (s(q, h), s(k, h // 2), s(v, h // 2), o[:, h * 16:(h + 1) * 16]) for h in range(4)})
+
+
+def test_heads_mobilebert_rectangular_ov(tmp_path):
+    """MobileBERT: q and k read the bottleneck (32), v the full width (64); OV_h = W_O,h W_V,h is 32 × 64."""
+    path, model = _build("mobilebert", tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    assert len(table) == 2 * 4
+    attn = model.mobilebert.encoder.layer[1].attention
+    q, k, v = (_np(getattr(attn.self, x).weight) for x in ("query", "key", "value"))
+    o = _np(attn.output.dense.weight)
+    assert q.shape[1] == 32 and v.shape[1] == 64  # the forward: query(bottleneck), value(layer input)
+    s = lambda m, h: m[h * 8:(h + 1) * 8]  # noqa: E731
+    _check(table, table["layer"] == 1, {h: (s(q, h), s(k, h), s(v, h), o[:, h * 8:(h + 1) * 8]) for h in range(4)})
+    assert "qk_shape" not in table.columns  # QK is square (32 × 32): eigenvalue columns present
+    assert table["qk_copying_score"].notna().all()
+
+
+def test_heads_zamba2_shared_attention_reads_twice_the_width(tmp_path):
+    """Zamba2's shared transformer attends over [hidden ; embeddings] (128 wide) and writes 64."""
+    path, model = _build("zamba2", tmp_path)
+    result = layerscope.heads(path, store=str(tmp_path / "s.sqlite"))
+    layer = model.config.hybrid_layer_ids[0]
+    attn = model.model.layers[layer].shared_transformer.self_attn
+    nh, hd = attn.config.num_attention_heads, attn.head_dim
+    assert len(result.table) == nh and set(result.table["layer"]) == {layer}
+    q, k, v, o = (_np(getattr(attn, f"{x}_proj").weight) for x in "qkvo")
+    s = lambda m, h: m[h * hd:(h + 1) * hd]  # noqa: E731
+    g = nh // attn.config.num_key_value_heads
+    _check(result.table, result.table["layer"] == layer,
+           {h: (s(q, h), s(k, h // g), s(v, h // g), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
+
+
+def test_heads_xlnet_three_dimensional_projections(tmp_path):
+    """XLNet's q, k, v, o are (d_model, n_heads, head_dim) parameters; its forward is
+    einsum("ibh,hnd->ibnd", x, q) and einsum("ibnd,hnd->ibh", attn_vec, o): head h is W[:, h, :]."""
+    path, model = _build("xlnet", tmp_path)
+    anatomy = layerscope.inspect(path)
+    roles = {n.rsplit(".", 1)[1]: e.role for n, e in anatomy.entries.items() if ".layer.1.rel_attn." in n}
+    assert (roles["q"], roles["k"], roles["v"], roles["o"], roles["r"]) == ("attn.q", "attn.k", "attn.v", "attn.o", "attn.aux")
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    attn = model.transformer.layer[1].rel_attn
+    nh, hd = attn.n_head, attn.d_head
+    assert len(table) == 2 * nh
+    q, k, v, o = (_np(getattr(attn, x)) for x in "qkvo")  # (d_model, n_heads, head_dim)
+    _check(table, table["layer"] == 1, {h: (q[:, h].T, k[:, h].T, v[:, h].T, o[:, h]) for h in range(nh)})
+
+
+def test_heads_reformer_lsh_shared_query_key(tmp_path):
+    """Reformer's LSH layer has one query_key projection (keys are the normalised queries): QK_h = W_QK,hᵀ W_QK,h."""
+    path, model = _build("reformer", tmp_path)
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    layers = model.reformer.encoder.layers
+    kinds = [type(b.attention.self_attention).__name__ for b in layers]
+    assert kinds == ["LocalSelfAttention", "LSHSelfAttention"]
+    nh, hd = model.config.num_attention_heads, model.config.attention_head_size
+    assert len(table) == len(layers) * nh
+    s = lambda m, h: m[h * hd:(h + 1) * hd]  # noqa: E731
+    for i, block in enumerate(layers):
+        att = block.attention.self_attention
+        q = _np(att.query_key.weight if i == 1 else att.query.weight)
+        k = q if i == 1 else _np(att.key.weight)
+        v, o = _np(att.value.weight), _np(block.attention.output.dense.weight)
+        _check(table, table["layer"] == i, {h: (s(q, h), s(k, h), s(v, h), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
+    lsh = table[table["layer"] == 1]
+    assert np.allclose(lsh["qk_asymmetry"], 0, atol=1e-7)  # W_QKᵀ W_QK is symmetric
+
+
+def test_heads_gemma3n_kv_shared_layers_use_the_storing_layers_k_v(tmp_path):
+    """Gemma-3n's last num_kv_shared_layers own only q and o; their forward reads the k, v states stored by
+    the layer that transformers' ``kv_sharing_modes`` marks "store" for the same layer type."""
+    path, model = _build("gemma3n_text", tmp_path)
+    cfg = model.config
+    modes = cfg.kv_sharing_modes
+    assert "reuse" in modes  # the tiny instance really shares
+    table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    assert len(table) == cfg.num_hidden_layers * nh
+    s = lambda m, h: m[h * hd:(h + 1) * hd]  # noqa: E731
+    g = nh // nkv
+    for i, mode in enumerate(modes):
+        if mode != "reuse":
+            continue
+        attn = model.model.layers[i].self_attn
+        assert attn.is_kv_shared_layer and not hasattr(attn, "k_proj")
+        store = next(j for j, m in enumerate(modes) if m == "store" and cfg.layer_types[j] == cfg.layer_types[i])
+        donor = model.model.layers[store].self_attn
+        q, o = _np(attn.q_proj.weight), _np(attn.o_proj.weight)
+        k, v = _np(donor.k_proj.weight), _np(donor.v_proj.weight)
+        _check(table, table["layer"] == i, {h: (s(q, h), s(k, h // g), s(v, h // g), o[:, h * hd:(h + 1) * hd]) for h in range(nh)})
 
 
 def test_second_info_on_the_same_config_does_not_import_transformers(tmp_path, _layerscope_cache_dir):

@@ -338,6 +338,9 @@ def _fused_role(kind: str, inner_roles: list[str], group: list[tuple[str, int]])
     return None
 
 
+HEADS_3D = "d_model,heads,head_dim"  # layout of a 3-D attention projection (XLNet): W[:, h, :] is head h
+
+
 def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> None:
     saved = getattr(skeleton, "saved", None) or {}
     mapping = _map_names(entries, skeleton.param_names, skeleton.layers, saved)
@@ -369,6 +372,10 @@ def _apply_skeleton(entries: dict[str, TensorEntry], skeleton, dims: Dims) -> No
         kind, ctx_path = ctx
         inner = pname[len(ctx_path) + 1:] if ctx_path else pname
         role = classify_in_context(kind, inner)
+        if role is None and owner == ctx_path and kind in ("attn", "xattn") and len(e.shape) == 3 and inner in ("q", "k", "v", "o") \
+                and e.shape[0] == d_model:
+            # XLNet's q, k, v, o are bare (d_model, n_heads, head_dim) parameters used by einsum
+            role, e.layout = f"{'xattn' if kind == 'xattn' else 'attn'}.{inner}", HEADS_3D
         if role is None:
             if rec is None and len(e.shape) == 2 and kind in ("mlp", "mixer", "attn", "xattn", "moe"):
                 role = {"mixer": "ssm.aux", "attn": "attn.aux", "xattn": "xattn.aux", "moe": "moe.aux",

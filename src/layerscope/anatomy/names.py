@@ -18,6 +18,8 @@ ROLES = (
     "moe.expert.gate_up", "moe.router", "norm", "lm_head", "bias", "other",
     # multi-head latent attention's low-rank factors (DeepSeek-V2/V3, MiniCPM3, GLM-4-MoE-lite)
     "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b",
+    # one projection serving as both query and key (Reformer's LSH attention: shared-QK)
+    "attn.qk",
     # attention extras: output gates, relative-position tables, anything else an attention module owns
     "attn.gate", "attn.position", "attn.aux",
     # cross-attention (encoder-decoder), with the entry's stack saying encoder / decoder
@@ -30,7 +32,8 @@ ROLES = (
     "ssm.in", "ssm.out", "ssm.x", "ssm.dt", "ssm.conv", "ssm.q", "ssm.k", "ssm.v", "ssm.gate", "ssm.param", "ssm.aux",
 )
 #: Roles whose matrices are softmax-attention projections: what ``heads`` reads.
-ATTENTION_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b")
+ATTENTION_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b",
+                   "attn.qk")
 CROSS_ROLES = ("xattn.q", "xattn.k", "xattn.v", "xattn.o", "xattn.qkv", "xattn.kv")
 
 
@@ -95,6 +98,7 @@ CONTEXT_RULES: dict[str, list[tuple[str, re.Pattern]]] = {
         _rule("attn.aux", r"(?:indexer|compressor)\.[\w.]+"),
         _rule("attn.q_a", r"q_a_proj\.weight"), _rule("attn.q_b", r"q_b_proj\.weight"),
         _rule("attn.kv_a", r"kv_a_proj(?:_with_mqa)?\.weight"), _rule("attn.kv_b", r"kv_b_proj\.weight"),
+        _rule("attn.qk", r"query_key\.weight"),  # Reformer LSH: keys are the (normalised) queries
         _rule("attn.qkv", r"(?:c_attn|query_key_value|qkv_proj|Wqkv|qkv|in_proj|qkv_linear|gqkv_proj)\.weight"),
         _rule("attn.q", r"(?:q_proj|query|q|wq|Wq|q_lin|query_proj|q_head|q_linear|project_q)\.weight"),
         _rule("attn.k", r"(?:k_proj|key|k|wk|Wk|k_lin|key_proj|k_head|k_linear|project_k)\.weight"),

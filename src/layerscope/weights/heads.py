@@ -13,6 +13,12 @@ head_dim × head_dim products (the factored-matrix trick of TransformerLens' ``F
 - nonzero eigenvalues: those of R Lᵀ (the cyclic property);
 - ‖A‖_F² = Σσ², and tr(A²) = tr((R Lᵀ)²), hence ‖A − Aᵀ‖_F² = 2‖A‖_F² − 2 tr(A²).
 
+Circuits need not be square: MobileBERT's queries and keys read the bottleneck while its values read
+the full width, and Zamba2's shared attention reads [hidden ; embeddings] (2·d_model) but writes
+d_model; OV_h = W_O,h W_V,h then maps d_in to d_out. Singular values, norms and ranks are defined
+for any shape; the eigenvalue-based columns (asymmetry, eig_*, top_eig_abs, copying_score) exist
+only for a square map and are NaN for a rectangular one, with ``{circuit}_shape`` saying why.
+
 Biases are left out of the circuits. For rotary models (Llama, Qwen2, NeoX, Phi-3 …) the QK
 kernel is the pre-rotation one: rotation by position is applied between W_Q and W_K at run time.
 """
@@ -30,6 +36,7 @@ import pandas as pd
 import torch
 
 from ..anatomy import ATTENTION_ROLES, CROSS_ROLES, Anatomy, build_anatomy
+from ..anatomy.core import HEADS_3D
 from ..config import Config
 from ..errors import LayerscopeError
 from .metrics.spectral import energy_rank, entropy_rank, spectral_norm
@@ -68,26 +75,37 @@ class Circuit:
     sv: torch.Tensor  # (H, r) singular values, descending
     eig: torch.Tensor  # (H, r) complex eigenvalues of R Lᵀ
     frobenius_sq: torch.Tensor  # (H,)
-    trace_sq: torch.Tensor  # (H,) tr(A²)
-    d_model: int
+    trace_sq: torch.Tensor  # (H,) tr(A²); NaN when A is not square
+    shape: tuple[int, int]  # of A: (rows of Lᵀ, columns of R)
+
+    @property
+    def square(self) -> bool:
+        return self.shape[0] == self.shape[1]
 
 
 def factored_circuit(left: torch.Tensor, right: torch.Tensor) -> Circuit:
-    """Spectral summary of A_h = left_hᵀ right_h for left, right of shape (H, r, d)."""
+    """Spectral summary of A_h = left_hᵀ right_h for left (H, r, d_out) and right (H, r, d_in).
+
+    A is d_out × d_in; when d_out ≠ d_in it has no eigenvalues, and ``eig`` is empty, ``trace_sq`` NaN."""
     left, right = left.to(torch.float64), right.to(torch.float64)
     r1 = torch.linalg.qr(left.transpose(1, 2), mode="r").R
     r2 = torch.linalg.qr(right.transpose(1, 2), mode="r").R
     sv = torch.linalg.svdvals(r1 @ r2.transpose(1, 2))
-    small = right @ left.transpose(1, 2)  # R Lᵀ: its eigenvalues are A's nonzero ones
-    eig = torch.linalg.eigvals(small)
-    trace_sq = (small * small.transpose(1, 2)).sum(dim=(1, 2))
-    return Circuit(sv, eig, (sv**2).sum(dim=1), trace_sq, left.shape[2])
+    shape = (left.shape[2], right.shape[2])
+    if shape[0] == shape[1]:
+        small = right @ left.transpose(1, 2)  # R Lᵀ: its eigenvalues are A's nonzero ones
+        eig = torch.linalg.eigvals(small)
+        trace_sq = (small * small.transpose(1, 2)).sum(dim=(1, 2))
+    else:
+        eig = torch.zeros(left.shape[0], 0, dtype=torch.complex128)
+        trace_sq = torch.full((left.shape[0],), math.nan, dtype=torch.float64)
+    return Circuit(sv, eig, (sv**2).sum(dim=1), trace_sq, shape)
 
 
 def circuit_metrics(c: Circuit, h: int, energy_level: float = 0.99) -> dict[str, Any]:
     """The per-head columns of one circuit (without the circuit-name prefix)."""
     sv = c.sv[h].numpy()
-    spec = Spectrum(sv, (c.d_model, c.d_model), "factored")
+    spec = Spectrum(sv, c.shape, "factored")
     eig = c.eig[h].numpy()
     mags = np.abs(eig)
     top = float(mags.max()) if mags.size else 0.0
@@ -97,6 +115,14 @@ def circuit_metrics(c: Circuit, h: int, energy_level: float = 0.99) -> dict[str,
     order = np.argsort(-np.abs(eig))[:TOP_EIGS]
     total_mag = float(np.abs(nz).sum())
     valid = fro_sq > 0 and sv[0] > 0
+    if not c.square:  # no eigenvalues: say so in the row rather than leave bare NaNs
+        nan = math.nan
+        return {"spectral_norm": spectral_norm(spec) if valid else nan, "frobenius_norm": math.sqrt(fro_sq),
+                "entropy_rank": entropy_rank(spec) if valid else nan,
+                "energy_rank_99": energy_rank(spec, energy_level) if valid else nan,
+                "asymmetry": nan, "eig_real_fraction": nan, "eig_positive_fraction": nan, "top_eig_abs": nan,
+                "copying_score": nan, "top_eigs": [],
+                "shape": f"{c.shape[0]}x{c.shape[1]}: rectangular, eigenvalue columns undefined (NaN)"}
     return {
         "spectral_norm": spectral_norm(spec) if valid else math.nan,
         "frobenius_norm": math.sqrt(fro_sq),
@@ -123,7 +149,7 @@ def _blocks(anatomy: Anatomy) -> dict[tuple[str, int, bool], dict[str, Any]]:
     """Attention entries grouped by (stack, layer, cross): {role without prefix: entry}."""
     blocks: dict[tuple[str, int, bool], dict[str, Any]] = {}
     for e in anatomy.entries.values():
-        if e.layer is None or len(e.shape) != 2:
+        if e.layer is None or not (len(e.shape) == 2 or (len(e.shape) == 3 and e.layout == HEADS_3D)):
             continue
         if e.role in ATTENTION_ROLES or e.role in CROSS_ROLES:
             cross = e.role.startswith("xattn.")
@@ -147,12 +173,38 @@ def _spec(anatomy: Anatomy, stack: str, layer: int, cross: bool):
     return d.n_heads, d.n_kv_heads or d.n_heads, d.head_dim, mla, d.v_head_dim
 
 
+def kv_source_layer(config: dict[str, Any] | None, layer: int) -> int | None:
+    """The layer whose keys and values layer ``layer`` attends over, when it has none of its own.
+
+    Gemma-3n (``num_kv_shared_layers``): the last ``num_kv_shared_layers`` layers own no k/v projections
+    and reuse the k, v *states* of the last earlier layer of the same ``layer_types`` entry (transformers'
+    ``kv_sharing_modes``: that layer "stores", they "reuse"). Their QK circuit pairs their own W_Q with that
+    layer's W_K: a bilinear form between two residual-stream positions of different depth, like
+    cross-attention's. None where the config says nothing of the kind."""
+    cfg = config or {}
+    cfg = cfg.get("text_config") or cfg
+    shared, types = cfg.get("num_kv_shared_layers"), cfg.get("layer_types")
+    n = cfg.get("num_hidden_layers")
+    if not (isinstance(shared, int) and shared > 0 and isinstance(types, list) and isinstance(n, int)):
+        return None
+    first = n - shared
+    if not (first <= layer < min(n, len(types))):
+        return None
+    earlier = [i for i in range(first) if types[i] == types[layer]]
+    return earlier[-1] if earlier else None
+
+
 def attention_layers(source: Source, anatomy: Anatomy, skipped: list[Skipped] | None = None) -> Iterator[LayerAttention]:
     """Each softmax-attention block's weights; blocks that cannot be read are appended to ``skipped``."""
     skipped = skipped if skipped is not None else []
     for (stack, layer), reason in anatomy.skipped_layers.items():
         skipped.append(Skipped(stack, layer, reason))
     blocks = _blocks(anatomy)
+    for (stack, layer, cross), by_role in blocks.items():  # Gemma-3n: late layers reuse an earlier layer's k, v
+        src_layer = kv_source_layer(anatomy.config, layer)
+        donor = blocks.get((stack, src_layer, cross)) if src_layer is not None else None
+        if donor and not ({"k", "v"} & set(by_role)) and {"k", "v"} <= set(donor):
+            by_role["k"], by_role["v"] = donor["k"], donor["v"]
     if not blocks:
         why = f" ({len(anatomy.skipped_layers)} layers without softmax attention)" if anatomy.skipped_layers else ""
         raise LayerscopeError(f"{source.label}: no attention weights found (looked for roles attn.q/k/v/o or attn.qkv){why}")
@@ -180,6 +232,9 @@ def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack
         t, digest = source.read(entry.name)
         hashes.append(digest)
         w = t.to(torch.float64)
+        if entry.layout == HEADS_3D:  # (d_model, n_heads, head_dim): q/k/v read d_model, o writes it
+            w = w.reshape(w.shape[0], -1)
+            return w if role == "o" else w.T
         return w.T if entry.transposed else w
 
     where = f"layer {layer}" if not stack else f"{stack} layer {layer}"
@@ -195,20 +250,27 @@ def _read_block(source: Source, anatomy: Anatomy, by_role: dict[str, Any], stack
         parts = anatomy.split_qkv(entry.name, t.to(torch.float64))
         q, k, v = parts["q"], parts["k"], parts["v"]
         layout = entry.layout
+    elif {"qk", "v"} <= set(by_role):
+        # shared query-key (Reformer LSH): k_t = q_t / ‖q_t‖, so QK_h = W_QK,hᵀ W_QK,h before that per-token
+        # normalisation (not a weight, left out like RMSNorm's 1/rms)
+        q = read("qk")
+        k, v = q, read("v")
+        layout = "shared_qk"
     elif {"q", "k", "v"} <= set(by_role):
         q, k, v = read("q"), read("k"), read("v")
         layout = ""
     else:
         raise LayerscopeError(f"{where} lacks q/k/v attention weights (found {sorted(by_role)})")
+    adapters = [e.name for e in anatomy.entries.values() if e.layer == layer and e.stack == stack
+                and any(f"linear_{x}_adapter" in e.name for x in "qkv")]
+    if adapters:  # Zamba2's per-block LoRA on the shared q/k/v: the circuit would silently omit it
+        raise LayerscopeError(f"{where} attention adds per-layer adapters to q/k/v ({adapters[0]}): not read")
     o = read("o")
     v_hd = v_hd or hd
     if q.shape[0] == 2 * nh * hd and k.shape[0] == nkv * hd:
         # gated queries (Qwen3-Next, Qwen3.5): q_proj gives per head [query (hd) | output gate (hd)]
         q = q.reshape(nh, 2, hd, q.shape[1])[:, 0].reshape(nh * hd, q.shape[1])
         layout = layout or "gated_q"
-    if q.shape[1] != o.shape[0]:
-        raise LayerscopeError(f"{where} attention reads a {q.shape[1]}-wide input but writes {o.shape[0]}: "
-                              f"its QK and OV circuits are not square")
     if q.shape[0] != nh * hd or k.shape[0] != nkv * hd or v.shape[0] != nkv * v_hd or o.shape[1] != nh * v_hd:
         raise LayerscopeError(
             f"{where} attention shapes q{tuple(q.shape)} k{tuple(k.shape)} o{tuple(o.shape)} "
