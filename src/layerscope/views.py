@@ -214,7 +214,13 @@ def print_info(anatomy: "Anatomy", label: str, fmt: str, console: Console | None
     table.add_column("value")
     table.add_row("family", anatomy.family)
     table.add_row("format", fmt)
-    table.add_row("parameters", f"{human_count(anatomy.parameter_count)} ({anatomy.parameter_count:,})")
+    tied_note = " (tied LM head counted once)" if anatomy.tied_head_entries() else ""
+    table.add_row("parameters", f"{human_count(anatomy.parameter_count)} ({anatomy.parameter_count:,}) "
+                                f"floating-point weights{tied_note}")
+    buffers = anatomy.buffers()
+    if buffers:
+        table.add_row("buffers", "not counted as parameters: " + ", ".join(
+            f"{name} ({anatomy.entries[name].dtype}, {n:,})" for name, n in buffers.items()))
     table.add_row("tensors", str(len(anatomy.entries)))
     table.add_row("dtypes", ", ".join(f"{k} ×{v}" for k, v in sorted(anatomy.dtype_counts().items())))
     if anatomy.tied_embeddings is not None:

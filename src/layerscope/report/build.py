@@ -105,6 +105,8 @@ def _card(models: list[ModelData]) -> pd.DataFrame:
                        ("vocab_size", "vocabulary")):
         add(label, [getattr(r.anatomy.dims, key, None) for r in a])
     add("parameters", [f"{r.anatomy.parameter_count:,}" for r in a])
+    add("buffers (not parameters)", [", ".join(f"{n} ({c:,})" for n, c in r.anatomy.buffers().items()) or "—"
+                                     for r in a])
     add("tensors", [len(r.anatomy.entries) for r in a])
     add("dtypes", [", ".join(f"{k} ×{v}" for k, v in r.anatomy.dtype_counts().items()) for r in a])
     add("tied embeddings", [_tied_text(r.anatomy) for r in a])
