@@ -96,6 +96,9 @@ def test_tensors_are_read_and_released_one_at_a_time(tmp_path, workers):
     assert sorted(log.names) == sorted(source.names())
     # when a tensor is read, at most workers − 1 earlier ones are still held (the others' work is in flight)
     assert max(log.alive_at_load) <= workers - 1, log.alive_at_load
+    if workers == 1:  # "largest first": the read order is by size, descending
+        sizes = [source.infos[n].numel for n in log.names]
+        assert sizes == sorted(sizes, reverse=True)
 
 
 # -- "safetensors are read with readinto, not memory-mapped" -------------------------------------
