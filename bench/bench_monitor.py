@@ -86,9 +86,10 @@ def main() -> None:
     step_time = statistics.median(plain) / args.steps
     ratio = statistics.median(plain) / statistics.median(watched)
     per_snapshot = sum(blocked) / max(1, snaps)
-    print(f"throughput monitored / plain: {ratio:.3f} (target >= 0.90)")
+    print(f"throughput monitored / plain: {ratio:.3f} (target >= 0.90: {'met' if ratio >= 0.90 else 'NOT met'})")
     print(f"training step: {step_time * 1000:.1f} ms; blocked per snapshot: {per_snapshot * 1000:.2f} ms "
-          f"= {per_snapshot / step_time * 100:.1f}% of a step (target < 5%)")
+          f"= {per_snapshot / step_time * 100:.1f}% of a step (target < 5%: "
+          f"{'met' if per_snapshot / step_time < 0.05 else 'NOT met'})")
     print(f"snapshots taken {snaps}, skipped {skipped}; analysis per snapshot {statistics.median(analysis):.2f} s "
           f"in the background")
 

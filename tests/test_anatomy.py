@@ -182,3 +182,35 @@ def test_live_mixtral_module_fused_experts_are_split(tmp_path):
 
     row = gate_rows[gate_rows["expert"] == 2].iloc[0]
     assert row["spectral_norm"] == pytest.approx(reference_metrics(fused[2, :128].double().numpy())["spectral_norm"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,fmt", [("gpt2", "bin"), ("gpt2", "safetensors"), ("llama", "sharded"),
+                                      ("bert", "safetensors"), ("phi3", "safetensors")])
+def test_parameter_count_equals_the_models_own(arch, fmt, tmp_path):
+    """`info`'s parameter count is ``sum(p.numel() for p in model.parameters())`` of the live model: int
+    buffers (BERT's ``position_ids``) listed apart, a tied LM head saved twice (GPT-2 ``.bin``) counted once."""
+    path = checkpoints.build_hf(arch, tmp_path / arch, fmt=fmt)
+    model = checkpoints._make_hf_model(arch, 0, torch.float32)
+    anatomy = layerscope.inspect(path)
+    assert anatomy.parameter_count == sum(p.numel() for p in model.parameters())
+    on_disk = checkpoints.list_disk_tensors(path)
+    ints = {n for n, (_, dtype) in on_disk.items() if not dtype.startswith(("F", "BF", "float", "bfloat"))}
+    assert set(anatomy.buffers()) == ints
+
+
+def test_parameter_count_minilm_and_nanogpt(tmp_path):
+    from transformers import BertModel
+
+    minilm = checkpoints.minilm_dir()
+    model = BertModel.from_pretrained(minilm)
+    anatomy = layerscope.inspect(minilm)
+    assert anatomy.parameter_count == sum(p.numel() for p in model.parameters()) == 22_713_216
+    assert anatomy.buffers() == {"embeddings.position_ids": 512}
+    # nanoGPT stores its tied lm_head.weight beside transformer.wte.weight: one parameter tensor
+    path = checkpoints.build_nanogpt(tmp_path / "ckpt.pt")
+    from nanogpt_model import GPT, GPTConfig
+
+    ckpt = torch.load(path, weights_only=True)
+    assert any(k.endswith("lm_head.weight") for k in ckpt["model"])
+    nano = GPT(GPTConfig(**ckpt["model_args"]))
+    assert layerscope.inspect(path).parameter_count == sum(p.numel() for p in nano.parameters())

@@ -175,3 +175,22 @@ def test_failing_decomposition_costs_only_that_matrix(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "singular_values", real)
     again = layerscope.analyze(path, store=str(tmp_path / "s.sqlite")).table.set_index("name")
     assert again.loc["a.weight", "alpha"] > 0 and again.loc["a.weight", "error"] == ""  # the failure was not cached
+
+
+def test_internal_error_is_exit_3_in_one_line(tmp_path, capsys, monkeypatch):
+    """A bug of ours (any exception that is not LayerscopeError) exits 3 with one line; the traceback
+    only with LAYERSCOPE_DEBUG=1. The command is replaced by one that fails: main's mapping is under test."""
+    from layerscope import cli
+
+    def broken(args, console):
+        raise ZeroDivisionError("division by zero in a command")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    monkeypatch.delenv("LAYERSCOPE_DEBUG", raising=False)
+    path = checkpoints.save_safetensors({"a.weight": torch.randn(4, 4)}, tmp_path / "w.safetensors")
+    assert main(["info", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: ZeroDivisionError" in err and "LAYERSCOPE_DEBUG" in err
+    monkeypatch.setenv("LAYERSCOPE_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["info", str(path)])

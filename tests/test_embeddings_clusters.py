@@ -237,3 +237,24 @@ def test_clusters_equal_the_per_k_silhouette_path():
     assert [s["silhouette"] for s in got["scores"]] == pytest.approx(sils, rel=1e-5)
     assert got["chosen_k"] == ks[int(np.argmax(sils))]
     np.testing.assert_array_equal(got["labels"], _kmeans(got["chosen_k"], len(xn), 0).fit(xn).labels_)
+
+
+def test_unreadable_tokenizer_is_a_warning_and_a_note(tmp_path, caplog):
+    """A tokenizer.json that does not parse: tokens fall back to #id, with one warning line and a note."""
+    import logging
+
+    path = checkpoints.build_hf("llama", tmp_path / "llama")
+    (path / "tokenizer.json").write_text("{ this is not a tokenizer")
+    with caplog.at_level(logging.WARNING, logger="layerscope"):
+        result = layerscope.embeddings(path, store=str(tmp_path / "s.sqlite"))
+    warnings = [r.getMessage() for r in caplog.records if "tokenizer.json" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "#id" in warnings[0]
+    g = result.matrices["embed.token"]
+    assert g["notes"] and "cannot read tokenizer.json" in g["notes"][0]
+    assert all(h["text"].startswith("#") for h in g["threshold"]["top_hubs"])
+    caplog.clear()
+    clusters = layerscope.clusters(path, k_values=[2, 3], store=str(tmp_path / "s.sqlite"))
+    assert "cannot read tokenizer.json" in clusters.matrices["embed.token"]["notes"][0]
+    # a readable tokenizer gives no note
+    assert "notes" not in layerscope.embeddings(checkpoints.minilm_dir(), store=str(tmp_path / "m.sqlite"),
+                                                options=GeometryOptions(sample=20000)).matrices["embed.token"]

@@ -333,3 +333,43 @@ def test_the_monitor_leaves_the_training_threads_alone():
     _train(model, 2, monitor)
     monitor.close()
     assert torch.get_num_threads() == before
+
+
+def test_analysis_runs_niced_with_one_torch_and_one_blas_thread():
+    """README: the background analysis runs at nice 10 with one torch and one BLAS thread. Observed from
+    inside it: a metric (called by the analysis) and a sink (called by the worker) record what they see."""
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    seen: list[tuple[int, int, list[int]]] = []
+    in_sink: list[tuple[int, int, list[int]]] = []
+
+    def observe() -> tuple[int, int, list[int]]:
+        blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), torch.get_num_threads(), blas
+
+    @registry.register("observe_threads", needs="moments", group="test")
+    def _observe(mom):
+        seen.append(observe())
+        return 0.0
+
+    class Sink:
+        def write(self, record):
+            in_sink.append(observe())
+
+        def close(self):
+            pass
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    try:
+        model = _gpt()
+        monitor = layerscope.Monitor(model, every=5, metrics=["observe_threads"], sinks=[Sink()], when_full="block")
+        _train(model, 5, monitor)
+        monitor.close()
+    finally:
+        registry._REGISTRATIONS[:] = [r for r in registry._REGISTRATIONS if r.name != "observe_threads"]
+    assert seen and len(in_sink) == 2 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+    assert all(nice == min(main_nice + 10, 19) for nice, _, _ in seen + in_sink), (seen, in_sink)
+    assert all(threads == 1 for _, threads, _ in seen + in_sink), (seen, in_sink)
+    assert all(blas and all(n == 1 for n in blas) for _, _, blas in seen), seen  # sinks run outside the BLAS limit

@@ -228,3 +228,22 @@ def test_nanogpt_reports_have_no_infinite_findings_and_no_warnings(trained_run, 
     cl = clusters(last, k_values=[2, 3], exclude_untrained=True).matrices["embed.token"]
     assert sum(c["size"] for c in cl["clusters"]) == 256 - emb["untrained"]["count"]
     assert not any(any(c["untrained"]) for c in cl["clusters"])
+
+
+def test_a_failed_comparison_is_a_note_not_a_missing_section(tmp_path):
+    """Two checkpoints of one family whose matrices all differ in shape: compare() fails, and the
+    report says so in its Comparison section instead of dropping drift without a word."""
+    import torch
+
+    from layerscope import Config
+
+    torch.manual_seed(0)
+    a = checkpoints.save_safetensors({"foo.weight": torch.randn(16, 8), "bar.weight": torch.randn(12, 6)},
+                                     tmp_path / "a.safetensors")
+    b = checkpoints.save_safetensors({"foo.weight": torch.randn(10, 4), "bar.weight": torch.randn(9, 3)},
+                                     tmp_path / "b.safetensors")
+    result = report([a, b], Config(store=str(tmp_path / "s.sqlite")), out=tmp_path / "r.html", markdown=tmp_path / "r.md")
+    md = result.markdown.read_text()
+    comparison = md.split("## Comparison", 1)[1]
+    assert "No drift section: the comparison failed (" in comparison and "no tensor in common" in comparison
+    assert "do not share an architecture" not in comparison

@@ -136,7 +136,7 @@ def test_cli_other_output_formats(tmp_path, capsys, suffix):
 def test_cli_info_json(capsys):
     assert main(["info", str(checkpoints.minilm_dir()), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["family"] == "bert" and info["dims"]["vocab_size"] == 30522 and info["parameters"] == 22713728
+    assert info["family"] == "bert" and info["dims"]["vocab_size"] == 30522 and info["parameters"] == 22713216 and info["buffers"] == {"embeddings.position_ids": 512}
 
 
 def test_cli_metrics_lists_registry(capsys):

@@ -214,7 +214,13 @@ def print_info(anatomy: "Anatomy", label: str, fmt: str, console: Console | None
     table.add_column("value")
     table.add_row("family", anatomy.family)
     table.add_row("format", fmt)
-    table.add_row("parameters", f"{human_count(anatomy.parameter_count)} ({anatomy.parameter_count:,})")
+    tied_note = " (tied LM head counted once)" if anatomy.tied_head_entries() else ""
+    table.add_row("parameters", f"{human_count(anatomy.parameter_count)} ({anatomy.parameter_count:,}) "
+                                f"floating-point weights{tied_note}")
+    buffers = anatomy.buffers()
+    if buffers:
+        table.add_row("buffers", "not counted as parameters: " + ", ".join(
+            f"{name} ({anatomy.entries[name].dtype}, {n:,})" for name, n in buffers.items()))
     table.add_row("tensors", str(len(anatomy.entries)))
     table.add_row("dtypes", ", ".join(f"{k} ×{v}" for k, v in sorted(anatomy.dtype_counts().items())))
     if anatomy.tied_embeddings is not None:
@@ -332,6 +338,8 @@ def print_embeddings(result, console: Console | None = None) -> None:
         table.add_column("key", style="bold")
         table.add_column("value")
         table.add_row("vocabulary × dim", f"{g['vocab_size']:,} × {g['dim']}" + (f" ({g['zero_rows']} zero rows skipped)" if g["zero_rows"] else ""))
+        for note in g.get("notes", []):
+            table.add_row("note", note)
         table.add_row("pairs", f"{g['pairs']:,}" + (f" (estimated from {g['sampled_pairs']:,} random pairs)" if g["method"] == "sample" else " (all, exact)"))
         ci = f"  95% CI [{g['mean_ci95'][0]:.4f}, {g['mean_ci95'][1]:.4f}]" if "mean_ci95" in g else ""
         table.add_row("cosine mean ± std", f"{g['mean']:.4f} ± {g['std']:.4f}{ci}")
@@ -371,6 +379,8 @@ def print_clusters(result, console: Console | None = None) -> None:
                       f"(CH {chosen['calinski_harabasz']:.4g}, silhouette {chosen['silhouette']:.3f}; "
                       f"tried {', '.join(map(str, r['k_candidates']))})")
         console.print(escape(cluster_verdict_text(r)))
+        for note in r.get("notes", []):
+            console.print(escape(f"note: {note}"))
         table = Table(title_justify="left")
         table.add_column("cluster", justify="right")
         table.add_column("size", justify="right")

@@ -112,13 +112,24 @@ class Anatomy:
     # -- summaries ----------------------------------------------------------------------------
     @property
     def parameter_count(self) -> int:
-        total = 0
-        for e in self.entries.values():
-            n = 1
-            for s in e.shape:
-                n *= s
-            total += n
-        return total
+        """Floating-point weights, as ``sum(p.numel() for p in model.parameters())`` counts them.
+
+        Integer/bool tensors a checkpoint carries (BERT's int64 ``position_ids``, GPT-2's old causal-mask
+        buffers) are buffers, not parameters: they are listed apart (``buffers``). A tied LM head that the
+        file stores a second time (nanoGPT, GPT-2 ``.bin``) is one parameter tensor, counted once."""
+        total = sum(_numel(e.shape) for e in self.entries.values() if _is_weight(e))
+        return total - sum(_numel(e.shape) for e in self.tied_head_entries())
+
+    def buffers(self) -> dict[str, int]:
+        """Non-floating tensors (name -> element count): buffers such as ``position_ids``, not weights."""
+        return {e.name: _numel(e.shape) for e in self.entries.values() if not _is_weight(e)}
+
+    def tied_head_entries(self) -> list[TensorEntry]:
+        """LM-head tensors stored beside a token embedding they are tied to (the same matrix twice)."""
+        if self.tied_embeddings is not True:
+            return []
+        embeds = {e.shape for e in self.by_role("embed.token")}
+        return [e for e in self.by_role("lm_head") if e.shape in embeds and _is_weight(e)]
 
     def role_counts(self) -> dict[str, int]:
         return dict(Counter(e.role for e in self.entries.values()))
@@ -139,6 +150,7 @@ class Anatomy:
             "family": self.family,
             "dims": asdict(self.dims),
             "parameters": self.parameter_count,
+            "buffers": self.buffers(),
             "tensors": len(self.entries),
             "tied_embeddings": self.tied_embeddings,
             "dtypes": self.dtype_counts(),
@@ -466,6 +478,18 @@ def _mark_transposed(entries: dict[str, TensorEntry], dims: Dims, family: str) -
             e.transposed = True
         elif family != "nanogpt" and dims.d_model:
             e.transposed = e.name.endswith("c_fc.weight") and e.shape[0] == dims.d_model
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _is_weight(e: TensorEntry) -> bool:
+    """Floating point (float16/bfloat16/float32/float64/float8_*): a weight; int/bool: a buffer."""
+    return "float" in e.dtype.lower()
 
 
 def _tied(entries: dict[str, TensorEntry], config: dict[str, Any] | None, family: str) -> bool | None:

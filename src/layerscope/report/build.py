@@ -112,6 +112,8 @@ def _card(models: list[ModelData]) -> pd.DataFrame:
                        ("vocab_size", "vocabulary")):
         add(label, [getattr(r.anatomy.dims, key, None) for r in a])
     add("parameters", [f"{r.anatomy.parameter_count:,}" for r in a])
+    add("buffers (not parameters)", [", ".join(f"{n} ({c:,})" for n, c in r.anatomy.buffers().items()) or "—"
+                                     for r in a])
     add("tensors", [len(r.anatomy.entries) for r in a])
     add("dtypes", [", ".join(f"{k} ×{v}" for k, v in r.anatomy.dtype_counts().items()) for r in a])
     add("tied embeddings", [_tied_text(r.anatomy) for r in a])
@@ -169,7 +171,8 @@ def _findings(models: list[ModelData]) -> tuple[list[str], list[str]]:
     return context, found
 
 
-def build_document(models: list[ModelData], figures: Path, compare_result: Any = None) -> Document:
+def build_document(models: list[ModelData], figures: Path, compare_result: Any = None,
+                   compare_error: str | None = None) -> Document:
     from .. import plots
 
     figures.mkdir(parents=True, exist_ok=True)
@@ -274,7 +277,7 @@ def build_document(models: list[ModelData], figures: Path, compare_result: Any =
                 sections.append(fisher_section(m.probe.fisher, figures, m.label, suffix))
         sections.extend(health.sections(m, figures, suffix))  # loss landscapes, gradient health
     if many:
-        sections.append(_comparison_section(models, figures, compare_result))
+        sections.append(_comparison_section(models, figures, compare_result, compare_error))
     for m in models:
         if m.notes:
             sections.append(Section("Notes" + (f" — {m.label}" if many else ""), [Items(m.notes)]))
@@ -329,6 +332,8 @@ def _embeddings_section(m: ModelData, figures: Path, suffix: str) -> Section:
         "Exact cosine similarity over all pairs of token embeddings (streamed, never a V × V matrix). A mean far "
         "above 0 means the embeddings share a common direction (anisotropy); hubs are tokens close to many others.")])
     for role, g in m.embeddings.matrices.items():
+        for note in g.get("notes", []):
+            sec.blocks.append(Text(f"Note: {note}."))
         path = plots.cosine_histogram(g, figures / _slug(m.label), role)
         thr = g["threshold"]
         rows = [("matrix", f"{g['name']} ({g['vocab_size']:,} × {g['dim']})"),
@@ -383,7 +388,8 @@ def _clusters_section(m: ModelData, figures: Path, suffix: str) -> Section:
     return sec
 
 
-def _comparison_section(models: list[ModelData], figures: Path, compare_result: Any) -> Section:
+def _comparison_section(models: list[ModelData], figures: Path, compare_result: Any,
+                        compare_error: str | None = None) -> Section:
     from .. import plots
 
     sec = Section("Comparison", [Text("Mean of each metric over the matrices of each weight type, per model.")])
@@ -396,7 +402,8 @@ def _comparison_section(models: list[ModelData], figures: Path, compare_result: 
                             for k in depth.DEPTH_METRICS if k in g}})
     sec.blocks.append(TableBlock(pd.DataFrame(rows), "side by side", max_rows=120))
     if compare_result is None:
-        sec.blocks.append(Text("The models do not share an architecture, so no drift is computed."))
+        sec.blocks.append(Text(f"No drift section: the comparison failed ({compare_error})." if compare_error else
+                               "The models do not share an architecture, so no drift is computed."))
         return sec
     sec.blocks.append(Text(f"Drift from {compare_result.reference} (relative change ‖B − A‖/‖A‖, and the cosine "
                            "after the orthogonal Procrustes rotation that best aligns A to B)."))
@@ -489,13 +496,13 @@ def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Pat
     for m, label in zip(models, unique_labels([m.label for m in models])):
         m.label = label
     figures = (md.parent if md else out.parent) / f"{(md or out).stem}_figures"
-    comparison = None
+    comparison, compare_error = None, None
     if len(models) > 1 and len({m.analysis.anatomy.family for m in models}) == 1:
         try:
             comparison = compare(*[m.analysis.source for m in models], config=config, spectral=False)
-        except LayerscopeError:
-            comparison = None
-    doc = build_document(models, figures, comparison)
+        except LayerscopeError as exc:  # the report still renders, and says why drift is missing
+            compare_error = str(exc)
+    doc = build_document(models, figures, comparison, compare_error)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_html(doc), encoding="utf-8")
     if md is not None:

@@ -1,7 +1,9 @@
 """Token clusters: k-means on normalised embedding rows over a range of k, decoded to text.
 
-k is chosen by the Calinski–Harabasz index (computed on all rows); the silhouette (on a seeded
-sample) and the inertia elbow are reported beside it so a reader can judge the choice. Large
+k is chosen by the silhouette (cosine, on a seeded sample of rows) unless ``selection`` asks for the
+Calinski–Harabasz index (on all rows) or the inertia elbow; all three are reported beside the choice
+so a reader can judge it. The silhouette is the default because Calinski–Harabasz favours small k on
+embedding matrices (MiniLM: k = 2, the ``[unused…]`` tokens against the rest). Large
 vocabularies use MiniBatchKMeans. Everything is seeded, so a run is reproducible. The silhouette
 sample's cosine distances are computed once for every k (at d_model 2048 they cost more than a
 MiniBatchKMeans fit); choosing k from fits on a 12000-row sample was tried and dropped (on MiniLM
@@ -219,4 +221,6 @@ def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, i
                 cluster["untrained"] = [i in untrained for i in cluster["representatives"]]
             result = {**result, "untrained": {**untrained.summary(), "excluded": exclude_untrained}}
             out[role] = {"name": entry.name, **result, "verdict": verdict(result)}
+            if vocab.note and role != "embed.position":
+                out[role]["notes"] = [vocab.note]
     return ClustersResult(out, src, anatomy)

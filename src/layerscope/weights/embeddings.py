@@ -10,6 +10,7 @@ chosen from ``max_memory``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class Vocabulary:
     def __init__(self, tokenizer_file: Path | None, byte_level: bool = False):
         self.byte_level = byte_level and tokenizer_file is None
         self.tokenizer = None
+        self.note: str | None = None  # why tokens are shown as #id although a tokenizer file exists
         if tokenizer_file is not None:
             try:
                 from tokenizers import Tokenizer
@@ -65,8 +67,11 @@ class Vocabulary:
                 self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
                 self.tokenizer.no_padding()  # some tokenizer.json files pad every encoding to a fixed length
                 self.tokenizer.no_truncation()
-            except Exception:  # an unreadable tokenizer only costs us the decoding
+            except Exception as exc:  # an unreadable tokenizer only costs the decoding, but says so
                 self.tokenizer = None
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                self.note = f"cannot read {Path(tokenizer_file).name} ({first}): tokens are shown as #id"
+                logging.getLogger("layerscope").warning("warning: %s", self.note)
 
     @classmethod
     def of(cls, source: Source, anatomy: Anatomy) -> "Vocabulary":
@@ -309,5 +314,7 @@ def embeddings(source: Any, config: Config | None = None, *, options: GeometryOp
                     word: [{"id": i, "text": vocab.text(i), "cosine": c, "untrained": i in untrained}
                            for i, c in nearest_neighbours(x, tid, exclude=untrained.ids if keep is not None else None)]
                     for word, tid in token_ids}
+            if vocab.note:
+                geometry["notes"] = [vocab.note]
             out[entry.role] = geometry
     return EmbeddingsResult(out, src, anatomy)
