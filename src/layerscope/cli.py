@@ -55,6 +55,21 @@ UNTRAINED_HELP = ("leave out embedding rows that look untrained ([unused…] and
                   "to those as they are to each other; see the README)")
 
 
+DATA_HELP = ("text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk folder "
+             "(default: the Python reference's help topics, see README)")
+
+
+def _add_data(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_action: str = "store") -> None:
+    """The flags every command that runs the model on text shares: data, windows, device, dtype."""
+    p.add_argument("--data", action=data_action, help=data_help)
+    p.add_argument("--text-field", help="field/column holding the text in .jsonl, .parquet and datasets (default text)")
+    p.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
+    p.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="layerscope", description="See inside a transformer's weights. "
                                                    "'layerscope PATH' is short for 'layerscope info PATH'.")
@@ -170,16 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="run the model on data: loss, and Hessian curvature with --hessian")
     _add_common(pr)
-    pr.add_argument("--data", action="append", help="text file, folder of .txt, .jsonl, .parquet or a datasets save_to_disk "
-                                                     "folder (default: the Python reference's help topics, see README); "
-                                                     "again for more datasets, compared with the first by Fisher overlap")
-    pr.add_argument("--text-field", help="field/column holding the text in .jsonl, .parquet and datasets (default text)")
-    pr.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
-    pr.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
-    pr.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
+    _add_data(pr, DATA_HELP + "; again for more datasets, compared with the first by Fisher overlap", "append")
     pr.add_argument("--seed", type=int, help="seed for the windows drawn, masking and random vectors (default 0)")
-    pr.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
-    pr.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
     pr.add_argument("--hessian", action="store_true", help="Hessian: top-k and min eigenvalues, trace, density, per block")
     pr.add_argument("--top-k", type=int_at_least(1), default=5, help="Hessian eigenvalues to report (default 5)")
     pr.add_argument("--tol", type=float_between(0, 1), default=1e-4, help="Lanczos stop: Ritz residual ≤ tol·max|θ| (default 1e-4)")
@@ -211,15 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--extend", type=float, default=0.0, help="1-D: also this far past both ends, e.g. 0.5 (default 0)")
     ls.add_argument("--pad", type=float, default=0.2, help="plane: margin around the three checkpoints, share of the box (default 0.2)")
     ls.add_argument("--points-per-forward", type=int_at_least(1), help="points stacked per forward (default: from a memory budget)")
-    ls.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or datasets folder (default: the Python reference's help topics)")
-    ls.add_argument("--text-field", help="field/column holding the text (default text)")
-    ls.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
-    ls.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
-    ls.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
+    _add_data(ls)
     ls.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
     ls.add_argument("--data-seed", type=int, default=0, help="seed of the windows drawn (default 0)")
-    ls.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto")
-    ls.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
     ls.add_argument("--out", type=output_file(*TABLE_SUFFIXES), help="write the points and summary to .json, or the points to .csv/.parquet")
     ls.add_argument("--plot", type=output_folder, help="folder for the contour, surface or line figures")
     _add_store(ls)
@@ -228,15 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ac = sub.add_parser("activations", help="what the model does on text: head behaviour, logit lens, CKA, neurons")
     _add_common(ac)
-    ac.add_argument("--data", help="text file, folder of .txt, .jsonl, .parquet or a datasets folder (default: the "
-                                   "Python reference's help topics)")
-    ac.add_argument("--text-field", help="field/column holding the text (default text)")
-    ac.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default min(128, the model's positions))")
-    ac.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
-    ac.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
+    _add_data(ac)
     ac.add_argument("--seed", type=int, help="seed for the windows, the CKA sample and the random tokens (default 0)")
-    ac.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
-    ac.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
     ac.add_argument("--other", type=checkpoint, help="a second checkpoint (same architecture and tokenizer): per-layer CKA with it")
     ac.add_argument("--cka-tokens", type=int_at_least(4), default=512, help="token positions sampled for CKA (default 512)")
     ac.add_argument("--neuron-threshold", type=float, default=0.0, help="a neuron is active when its activation > this (default 0)")

@@ -106,16 +106,9 @@ def activation_data(model: RunnableModel, data: Any = None, *, text_field: str |
     if isinstance(data, ProbeData) or model.kind in ("causal", "custom"):
         return load_data(model, data, text_field=text_field, seq_len=seq_len, batches=batches,
                          batch_size=batch_size, seed=seed)
-    from .data import DEFAULT_SEQ_LEN, default_text, read_texts
+    from .data import DEFAULT_SEQ_LEN, documents
 
-    if data is None:
-        docs, description = default_text()
-    elif isinstance(data, (str, Path)):
-        docs, description = read_texts(data, text_field)
-    elif isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
-        docs, description = list(data), f"{len(data)} texts from Python"
-    else:
-        raise LayerscopeError(f"data: expected a path, a list of texts or ProbeData, got {type(data).__name__}")
+    docs, description = documents(data, text_field)
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN)
     if model.max_positions and seq_len > model.max_positions:
         raise LayerscopeError(f"--seq-len {seq_len} is longer than the model's {model.max_positions} positions")

@@ -343,6 +343,17 @@ def _mask(windows: torch.Tensor, tokenizer: Tokenizer, specials: list[int], voca
     return inputs, labels
 
 
+def documents(data: Any, text_field: str | None = None) -> tuple[list[str], str]:
+    """The texts behind ``data`` (None: the default text; a path; a list of strings) and a description."""
+    if data is None:
+        return default_text()
+    if isinstance(data, (str, Path)):
+        return read_texts(data, text_field)
+    if isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
+        return list(data), f"{len(data)} texts from Python"
+    raise LayerscopeError(f"data: expected a path, a list of texts or ProbeData, got {type(data).__name__}")
+
+
 def load_data(model: Any, data: Any = None, *, text_field: str | None = None, seq_len: int | None = None,
               batches: int = 4, batch_size: int = 8, seed: int = 0) -> ProbeData:
     """ProbeData for ``model`` (a RunnableModel) from ``data``: None (the default text), a path, a list of
@@ -354,14 +365,7 @@ def load_data(model: Any, data: Any = None, *, text_field: str | None = None, se
             raise LayerscopeError("a module with its own loss_fn needs data=[(inputs, targets), ...]")
         return from_pairs(data)
     model.require_lm_head("running on data")
-    if data is None:
-        docs, description = default_text()
-    elif isinstance(data, (str, Path)):
-        docs, description = read_texts(data, text_field)
-    elif isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
-        docs, description = list(data), f"{len(data)} texts from Python"
-    else:
-        raise LayerscopeError(f"data: expected a path, a list of texts or ProbeData, got {type(data).__name__}")
+    docs, description = documents(data, text_field)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, model.max_positions or DEFAULT_SEQ_LEN)
     if model.max_positions and seq_len > model.max_positions:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import LayerscopeError
-from .objective import Objective
+from .objective import Objective, _rows
 
 FLAG_RULE = ("vanishing / exploding: a layer whose gradient-to-weight ratio ‖∇L‖/‖θ‖ lies more than max(3 robust "
              "standard deviations (1.4826·MAD of log10 ratios), one decade) below / above the median over the layers; "
@@ -407,16 +407,6 @@ def mlp_neuron_activity(obj: Objective, options: GradientOptions | None = None):
                      "dead_fraction": len(dead) / c.numel(), "dead_ids": dead[:50], "always_on_ids": always[:50],
                      "mean_active_fraction": float(c.double().mean() / tokens)})
     return pd.DataFrame(rows), tokens
-
-
-def _rows(x: Any, s: int, e: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[s:e]
-    if isinstance(x, (list, tuple)):
-        return type(x)(_rows(v, s, e) for v in x)
-    if isinstance(x, dict):
-        return {k: _rows(v, s, e) for k, v in x.items()}
-    return x
 
 
 def print_gradients(result: GradientHealth, console=None) -> None:
