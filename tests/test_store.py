@@ -25,7 +25,7 @@ def _same_results(a: pd.DataFrame, b: pd.DataFrame) -> None:
 def test_rerun_recomputes_nothing(tmp_path):
     path = checkpoints.build_hf("llama", tmp_path / "llama")
     store = str(tmp_path / "s.sqlite")
-    first = layerscope.analyze(path, store=store)
+    first = layerscope.analyze(path, store=store, workers=1)  # one worker: two identical tensors are never in flight at once
     second = layerscope.analyze(path, store=store)
     # identical tensors (the all-ones norms of a fresh model) are computed once even in the first run:
     # exactly as many computations as distinct (bytes, shape, dtype) contents, counted here with hashlib

@@ -52,15 +52,22 @@ def ks_scan(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tail_log_sums = np.cumsum(log_data[::-1])[::-1]  # Σ_{j≥i} log x_j
     idx = np.arange(n_total - 1)
     n = (n_total - idx).astype(np.float64)
+    denom = tail_log_sums[:-1] - n * log_data[:-1]
+    # A tail of equal values has Σ log(x/x_min) = 0; in floating point (eigenvalues that are equal up
+    # to the eigensolver's rounding, and two sums that cancel) it comes out as noise, which made alpha
+    # 1e15 for c·W where it was inf for W. Σ log(x/x_min) is scale-free, so a tail whose mean log
+    # ratio is below 1e-12 (or below the sums' own rounding) is taken as degenerate: alpha = inf.
+    rounding = 64 * np.finfo(np.float64).eps * (np.abs(tail_log_sums[:-1]) + n * np.abs(log_data[:-1]))
+    denom = np.where(np.abs(denom) <= np.maximum(n * 1e-12, rounding), 0.0, denom)
     with np.errstate(divide="ignore", invalid="ignore"):
-        alphas = 1.0 + n / (tail_log_sums[:-1] - n * log_data[:-1])
+        alphas = 1.0 + n / denom
     ds = np.ones(n_total - 1)
     # blocks of candidate rows; smaller blocks skip more of the masked lower triangle
     rows = max(1, min(n_total // 8 + 1, BLOCK_ELEMENTS // n_total))
     for start in range(0, n_total - 1, rows):
         i = idx[start:start + rows]
         a = alphas[i]
-        ok = a > 1
+        ok = np.isfinite(a) & (a > 1)  # a degenerate (inf) candidate is never chosen by the KS scan
         if not ok.any():
             continue
         i, a = i[ok], a[ok]
