@@ -162,14 +162,19 @@ def _read_parquet(path: Path, text_field: str | None) -> list[str]:
         raise LayerscopeError(f"--data {path}: reading Parquet needs pyarrow (pip install 'layerscope[parquet]')") from None
     except Exception as exc:
         raise LayerscopeError(f"--data {path}: cannot read Parquet: {str(exc).splitlines()[0]}") from None
+    return _text_column(path, text_field, list(map(str, frame.columns)), lambda key: frame[key])
+
+
+def _text_column(path: Path, text_field: str | None, columns: list[str], column: Callable[[str], Any]) -> list[str]:
+    """The texts of a table's column (Parquet, datasets), or the one-line error that says which."""
     key = text_field or "text"
-    if key not in frame.columns:
-        raise LayerscopeError(f"--data {path}: no column {key!r} (columns: {', '.join(map(str, frame.columns[:8]))}); "
+    if key not in columns:
+        raise LayerscopeError(f"--data {path}: no column {key!r} (columns: {', '.join(columns[:8])}); "
                               "choose one with --text-field")
-    col = frame[key]
-    if not all(isinstance(v, str) for v in col):
+    values = column(key)
+    if not all(isinstance(v, str) for v in values):
         raise LayerscopeError(f"--data {path}: column {key!r} is not text")
-    return list(col)
+    return list(values)
 
 
 def _read_datasets(path: Path, text_field: str | None) -> tuple[list[str], str]:
@@ -185,14 +190,8 @@ def _read_datasets(path: Path, text_field: str | None) -> tuple[list[str], str]:
     if isinstance(ds, datasets.DatasetDict):
         split = "test" if "test" in ds else "validation" if "validation" in ds else sorted(ds)[0]
         ds = ds[split]
-    key = text_field or "text"
-    if key not in ds.column_names:
-        raise LayerscopeError(f"--data {path}: no column {key!r} (columns: {', '.join(ds.column_names[:8])}); "
-                              "choose one with --text-field")
-    docs = ds[key]
-    if not all(isinstance(v, str) for v in docs):
-        raise LayerscopeError(f"--data {path}: column {key!r} is not text")
-    return list(docs), f"{path} (datasets{', split ' + split if split else ''}, column {key})"
+    docs = _text_column(path, text_field, list(ds.column_names), lambda key: ds[key])
+    return docs, f"{path} (datasets{', split ' + split if split else ''}, column {text_field or 'text'})"
 
 
 # -- tokenising -----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import LayerscopeError
 from .data import ProbeData
-from .model import RunnableModel
+from .model import RunnableModel, check_same_parameters
 from .objective import Objective
 
 Progress = Callable[[str, int, int, str | None], None]
@@ -445,18 +445,6 @@ def sharpness(xs: np.ndarray, ys: np.ndarray, z: np.ndarray) -> dict[str, float]
 
 
 # -- the probe ------------------------------------------------------------------------------------------
-def _prepare(models: Sequence[RunnableModel]) -> None:
-    first = models[0]
-    for other in models[1:]:
-        if set(other.params) != set(first.params):
-            missing = sorted(set(first.params) ^ set(other.params))[:3]
-            raise LayerscopeError(f"{other.label} and {first.label} do not have the same parameters ({', '.join(missing)} ...)")
-        for n, p in first.params.items():
-            if tuple(other.params[n].shape) != tuple(p.shape):
-                raise LayerscopeError(f"{other.label}: {n} has shape {tuple(other.params[n].shape)}, "
-                                      f"{first.label} has {tuple(p.shape)}")
-
-
 def _weights(model: RunnableModel, like: RunnableModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().to(like.device, like.dtype) for n, p in model.params.items()}
 
@@ -494,7 +482,7 @@ def landscape(models: Sequence[Any] | Any, data: Any = None, *, directions: str 
     if extend < 0:
         raise LayerscopeError(f"--extend must be >= 0, got {extend}")
     loaded = [load_model(m, device=device, dtype=dtype, loss_fn=loss_fn) for m in models]
-    _prepare(loaded)
+    check_same_parameters(loaded, "cannot put on one landscape")
     base = loaded[0]
     probe_data: ProbeData = load_data(base, data, text_field=text_field, seq_len=seq_len, batches=batches,
                                       batch_size=batch_size, seed=data_seed)

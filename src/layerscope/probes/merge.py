@@ -31,7 +31,7 @@ import torch
 
 from ..change.drift import magnitude_threshold
 from ..errors import LayerscopeError
-from .model import RunnableModel
+from .model import RunnableModel, check_same_parameters
 
 FLOOR = 1e-6
 MERGE_METHODS = ("fisher", "average", "ties")
@@ -87,18 +87,6 @@ def ties_merge(states: Sequence[Mapping[str, torch.Tensor]], base: Mapping[str, 
 
 def state_of(model: RunnableModel) -> State:
     return {n: p.detach().to("cpu").clone() for n, p in model.params.items()}
-
-
-def check_compatible(models: Sequence[RunnableModel]) -> None:
-    first = models[0]
-    for m in models[1:]:
-        if set(m.params) != set(first.params):
-            extra = sorted(set(m.params) ^ set(first.params))[:3]
-            raise LayerscopeError(f"cannot merge {first.label} and {m.label}: different parameters ({', '.join(extra)})")
-        for n, p in m.params.items():
-            if p.shape != first.params[n].shape:
-                raise LayerscopeError(f"cannot merge {first.label} and {m.label}: {n} is {tuple(first.params[n].shape)} "
-                                      f"vs {tuple(p.shape)}")
 
 
 class Loaded:
@@ -177,7 +165,7 @@ def merge(paths: Sequence[Any], *, base: Any = None, data: Sequence[Any] | None 
         raise LayerscopeError(f"--data: give none, one, or one per model ({len(paths)}), got {len(data)}")
     models = [load_model(p, device=device, dtype=dtype, store=store) for p in paths]
     base_model = load_model(base, device=device, dtype=dtype, store=store) if base is not None else None
-    check_compatible(models + ([base_model] if base_model else []))
+    check_same_parameters(models + ([base_model] if base_model else []), "cannot merge")
     for m in models:
         m.require_lm_head("merging")
     kwargs = dict(text_field=text_field, seq_len=seq_len, batches=batches, batch_size=batch_size, seed=seed)

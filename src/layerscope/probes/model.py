@@ -179,6 +179,20 @@ def _fused_qkv_weight(anatomy: Anatomy, bias_name: str) -> str | None:
 
 
 # -- weights hash -----------------------------------------------------------------------------
+def check_same_parameters(models: "list[RunnableModel] | tuple[RunnableModel, ...]", what: str) -> None:
+    """One line when ``models`` do not have the same parameter names and shapes; ``what`` says what
+    needed them to (``"cannot merge"``, ``"cannot put on one landscape"``)."""
+    first = models[0]
+    for m in models[1:]:
+        if set(m.params) != set(first.params):
+            extra = sorted(set(m.params) ^ set(first.params))[:3]
+            raise LayerscopeError(f"{what} {first.label} and {m.label}: not the same parameters ({', '.join(extra)} ...)")
+        for n, p in first.params.items():
+            if tuple(m.params[n].shape) != tuple(p.shape):
+                raise LayerscopeError(f"{what} {first.label} and {m.label}: {n} has shape {tuple(p.shape)} "
+                                      f"vs {tuple(m.params[n].shape)}")
+
+
 def weights_hash(source: Source, store: Any = None) -> str:
     """sha256 over (name, content hash) of every tensor of the checkpoint, in name order.
 
