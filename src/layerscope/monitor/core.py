@@ -162,28 +162,7 @@ class Monitor:
             return False
         extra: dict[str, Any] = {}
         if self._held is not None or self._grads is not None:
-            started = time.perf_counter()
-            try:
-                if self._held is not None and step != self._held.step:
-                    self._release_held(step)
-                if self._grads is not None:
-                    if step % self.every == 0:
-                        pending = self._grads.pending
-                        grad_sq = pending[1] if pending is not None and pending[0] == step else self._grads.grad_sq_norms()
-                        if grad_sq is not None:
-                            extra["grad_sq"] = grad_sq
-                    self._grads.end_step()
-                    if step % self.every == 0:
-                        noise = self._grads.take_noise()
-                        if noise:
-                            extra["noise"] = noise
-                        self._grads.pending = None
-            except Exception as exc:  # never into training
-                self._error(f"gradients at step {step} failed: {type(exc).__name__}: {exc}")
-            finally:
-                spent = time.perf_counter() - started
-                self.stats.blocked_seconds += spent
-                self.stats.gradient_seconds += spent
+            self._timed(lambda: self._gradient_step(step, extra), f"gradients at step {step}")
         if step % self.every:
             return False
         return self.submit(step, extra, _hold=True)
@@ -207,12 +186,31 @@ class Monitor:
         if self._grads is not None and not self._closed:
             self._grads.observe_batch_sizes(small_sq_norm, small_batch, big_sq_norm, big_batch)
 
-    def _timed(self, fn) -> None:
+    def _gradient_step(self, step: int, extra: dict[str, Any]) -> None:
+        """At ``step()``: release a held snapshot, and read this step's gradient norms and noise scale into ``extra``."""
+        if self._held is not None and step != self._held.step:
+            self._release_held(step)
+        if self._grads is None:
+            return
+        if step % self.every == 0:
+            pending = self._grads.pending
+            grad_sq = pending[1] if pending is not None and pending[0] == step else self._grads.grad_sq_norms()
+            if grad_sq is not None:
+                extra["grad_sq"] = grad_sq
+        self._grads.end_step()
+        if step % self.every == 0:
+            noise = self._grads.take_noise()
+            if noise:
+                extra["noise"] = noise
+            self._grads.pending = None
+
+    def _timed(self, fn, label: str = "gradients") -> None:
+        """Run ``fn`` on the training thread: its time counts as blocked, and it never raises into training."""
         started = time.perf_counter()
         try:
             fn()
         except Exception as exc:  # never into training
-            self._error(f"gradients failed: {type(exc).__name__}: {exc}")
+            self._error(f"{label} failed: {type(exc).__name__}: {exc}")
         finally:
             spent = time.perf_counter() - started
             self.stats.blocked_seconds += spent
