@@ -442,16 +442,24 @@ def print_activations(result: ActivationsResult, console: Any = None, top: int =
     console.print(escape(f"{m.label}: {m.kind} model on {d.description}; {d.n_batches} batches, {s['tokens']:,} tokens "
                          f"(data hash {d.hash[:12]})" + (" — from the store" if result.from_store else "")))
     h = result.heads
-    table = Table(title=f"attention heads on text (rule: a behaviour is named when its score ≥ {HEAD_RULE}; "
-                        f"sink: first-token share > {SINK_EPS})", title_justify="left")
-    cols = ["prev_token", "duplicate_token", "induction_text", "induction", "first_token_share", "attention_entropy"]
-    for c in ["layer.head"] + cols + ["named"]:
-        table.add_column(c, justify="right" if c in cols else "left")
+    from ..weights.heads import head_label
+
+    table = Table(title=f"attention heads on text (a behaviour is named when its score ≥ {HEAD_RULE}; "
+                        f"sink: first-token share > {SINK_EPS})", title_justify="left",
+                  caption="prev, dup, ind·text: TransformerLens detect_head scores on the data; ind·rnd: induction "
+                          "on repeated random tokens; sink: first-token share; H: attention entropy (nats)",
+                  caption_justify="left")
+    cols = {"prev_token": "prev", "duplicate_token": "dup", "induction_text": "ind·text", "induction": "ind·rnd",
+            "first_token_share": "sink", "attention_entropy": "H"}
+    table.add_column("head", no_wrap=True)
+    for header in cols.values():
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("named")
     ranked = h.assign(_k=h[["prev_token", "induction", "duplicate_token", "first_token_share"]].max(axis=1))
     for r in ranked.sort_values("_k", ascending=False).head(top).itertuples():
-        named = [n for n, f in (("previous-token", r.is_prev_token_head), ("induction", r.is_induction_head),
-                                ("duplicate-token", r.is_duplicate_token_head), ("sink", r.is_sink)) if f]
-        table.add_row(f"{r.layer}.{r.head}", *[f"{getattr(r, c):.3f}" for c in cols], ", ".join(named) or "—")
+        named = [n for n, f in (("prev-token", r.is_prev_token_head), ("induction", r.is_induction_head),
+                                ("dup-token", r.is_duplicate_token_head), ("sink", r.is_sink)) if f]
+        table.add_row(head_label(r.layer, r.head), *[f"{getattr(r, c):.3f}" for c in cols], ", ".join(named) or "—")
     console.print(table)
     if "icl_loss_drop" in s:
         console.print(f"random tokens repeated twice (half {s['induction_layout']['half']}): loss {s['loss_first_half']:.3f} "
