@@ -145,11 +145,20 @@ def token_decoder(model: RunnableModel) -> Callable[[list[int]], str]:
 
 
 # -- where to hook ----------------------------------------------------------------------------------
+#: the behaviour columns of an empty head table (a model without attention probabilities)
+HEAD_COLUMNS = ["layer", "head", "prev_token", "duplicate_token", "induction_text", "first_token_share",
+                "sink_position_rate", "attention_entropy"]
+
+
 def find_blocks(model: RunnableModel) -> tuple[str | None, list[torch.nn.Module]]:
-    """The ModuleList of transformer blocks: the one whose item i holds the anatomy's layer-i tensors."""
+    """The ModuleList of transformer blocks: the one whose item i holds the anatomy's layer-i tensors
+    (the encoder's, for an encoder-decoder: it is the stack ``run_module`` runs)."""
     n = model.anatomy.dims.n_layers or 0
     layer0 = [name for name, e in model.anatomy.entries.items() if e.layer == 0]
-    for name, mod in model.module.named_modules():
+    modules = list(model.module.named_modules())
+    if encoder_of(model) is not None:
+        modules.sort(key=lambda item: "encoder" not in item[0])  # stable: the encoder's stack first
+    for name, mod in modules:
         if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and n and \
                 any(p.startswith(f"{name}.0.") for p in layer0):
             return name, list(mod)
@@ -186,6 +195,10 @@ class Collector:
         self.model, self.options = model, options
         self.blocks_name, blocks = find_blocks(model)
         self.lens, self.lens_note = find_lens(model, self.blocks_name)
+        if encoder_of(model) is not None:
+            self.lens, self.lens_note = None, ("logit lens: skipped: encoder-decoder model (its encoder is read; "
+                                               "encoder states are not next-token predictions)")
+        self.heads_note: str | None = None
         self.mlp = find_mlp_down(model)
         self.block_out: dict[int, torch.Tensor] = {}
         self.neuron_in: dict[int, torch.Tensor] = {}
@@ -214,23 +227,23 @@ class Collector:
     def forward(self, ids: torch.Tensor):
         self.block_out.clear()
         self.neuron_in.clear()
-        with torch.no_grad():
-            out = self.model.module(input_ids=ids.to(self.model.device), output_attentions=True,
-                                    output_hidden_states=True)
-        if out.attentions is None or any(a is None for a in out.attentions):
-            raise LayerscopeError(f"{self.model.label}: the model returned no attention probabilities "
-                                  "(its attention implementation does not support output_attentions)")
+        out = run_module(self.model, ids)
+        if attentions_of(out) is None and self.heads_note is None:
+            self.heads_note = ("attention behaviour: skipped: the model returns no attention probabilities "
+                               "(no softmax attention, or an implementation that cannot return them)")
         return out
 
     def run_batch(self, ids: torch.Tensor, labels: torch.Tensor, offset: int) -> None:
         out = self.forward(ids)
         dev_ids = ids.to(self.model.device)
-        if self.causal is None:
-            self.causal = bool((out.attentions[0][:, :, 0, 1:] == 0).all())
-        patterns = detection_patterns(dev_ids)  # once per batch, shared by every layer
-        for layer, att in enumerate(out.attentions):
-            self.heads.add(layer, sequence_scores(att, dev_ids, patterns, eps=self.options.sink_eps))
-        self.heads.sequences += ids.shape[0]
+        attentions = attentions_of(out)
+        if attentions is not None:
+            if self.causal is None:
+                self.causal = bool((attentions[0][:, :, 0, 1:] == 0).all())
+            patterns = detection_patterns(dev_ids)  # once per batch, shared by every layer
+            for layer, att in enumerate(attentions):
+                self.heads.add(layer, sequence_scores(att, dev_ids, patterns, eps=self.options.sink_eps))
+            self.heads.sequences += ids.shape[0]
         hs = out.hidden_states
         states = [hs[0]] + [self.block_out[i] for i in range(len(self.block_out))] if self.block_out else list(hs)
         n_tok = ids.numel()
@@ -261,6 +274,40 @@ class Collector:
 
 
 
+def run_module(model: RunnableModel, ids: torch.Tensor) -> Any:
+    """One forward pass that returns attention probabilities and hidden states. Encoder-decoders run
+    their encoder only: the decoder needs target text, and its states are conditioned on the encoder's,
+    so the encoder is what "the model on this text" means. No KV cache: nothing reads it, and the
+    caches of hybrid models (linear attention, SSM layers) fail when asked for their length."""
+    module = encoder_of(model) or model.module
+    kwargs = dict(input_ids=ids.to(model.device), output_attentions=True, output_hidden_states=True, use_cache=False)
+    with torch.no_grad():
+        try:
+            return module(**kwargs)
+        except TypeError as exc:  # models whose forward takes no use_cache (encoders)
+            if "use_cache" not in str(exc):
+                raise
+            kwargs.pop("use_cache")
+            return module(**kwargs)
+
+
+def encoder_of(model: RunnableModel) -> torch.nn.Module | None:
+    """The encoder of an encoder-decoder model, else None."""
+    module = model.module
+    if getattr(getattr(module, "config", None), "is_encoder_decoder", False) and hasattr(module, "get_encoder"):
+        return module.get_encoder()
+    return None
+
+
+def attentions_of(out: Any) -> tuple[torch.Tensor, ...] | None:
+    """The per-layer attention probabilities, or None when the model has none to give (SSMs, FNet) or
+    its attention implementation cannot return them."""
+    att = getattr(out, "attentions", None)
+    if not att or any(a is None for a in att):
+        return None
+    return tuple(att)
+
+
 def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int, bos: int | None,
                    exclude: tuple[int, ...], pool: torch.Tensor | None = None) -> tuple[np.ndarray, dict, dict]:
     """Per (layer, head) induction score on random tokens repeated twice, the in-context-learning loss
@@ -268,9 +315,8 @@ def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int,
     offset = 1 if bos is not None else 0
     half = max(2, min(options.induction_half, ((model.max_positions or 2 * options.induction_half + 1) - offset) // 2))
     ids = repeated_random_tokens(vocab, half, options.induction_seqs, options.seed, bos, exclude, pool).to(model.device)
-    with torch.no_grad():
-        out = model.module(input_ids=ids, output_attentions=True)
-    scores = np.stack([induction_stripe(a, half, offset).mean(0).cpu().numpy() for a in out.attentions])
+    out = run_module(model, ids)
+    scores = np.stack([induction_stripe(a, half, offset).mean(0).cpu().numpy() for a in attentions_of(out)])
     icl = icl_loss_drop(out.logits, ids, half, offset) if model.kind == "causal" else {}
     return scores, icl, {"half": half, "sequences": int(ids.shape[0]), "bos": bos}
 
@@ -339,8 +385,9 @@ def activations(model: Any, data: Any = None, *, other: Any = None, text_field: 
 
 def _compute(model: RunnableModel, data: ProbeData, options: ActivationOptions, neuron_scores, progress) -> ActivationsResult:
     col = collect(model, data, options, progress)
-    notes = [col.lens_note] if col.lens_note else []
-    heads = pd.DataFrame(col.heads.rows())
+    notes = [n for n in (col.heads_note, col.lens_note) if n]
+    rows = col.heads.rows()
+    heads = pd.DataFrame(rows) if rows else pd.DataFrame(columns=HEAD_COLUMNS)
     tok = None
     try:
         tok = load_tokenizer(model.tokenizer_dir, model.vocab_size, model.label)
@@ -352,8 +399,8 @@ def _compute(model: RunnableModel, data: ProbeData, options: ActivationOptions, 
         # <|endoftext|>, which TransformerLens prepends too); byte-level models: none
         bos = tok.cls_id if model.kind != "causal" else tok.eos_id
     vocab = model.vocab_size or int(data.input_ids.max()) + 1
-    ind, icl, layout = induction_pass(model, options, vocab, bos, tuple(tok.special_ids) if tok else (),
-                                      torch.unique(data.input_ids))
+    ind, icl, layout = (induction_pass(model, options, vocab, bos, tuple(tok.special_ids) if tok else (),
+                                       torch.unique(data.input_ids)) if len(heads) else (None, {}, None))
     heads["induction"] = [float(ind[int(r.layer), int(r.head)]) for r in heads.itertuples()]
     lens = None
     summary: dict[str, Any] = {"causal_attention": col.causal, "induction_layout": layout, **icl,
@@ -409,8 +456,8 @@ def _join_weight_heads(result: ActivationsResult, config: Config) -> None:
         return
     try:
         w = weight_heads(result.model.source, config).table
-    except LayerscopeError as exc:
-        result.notes.append(f"weight-based head metrics not joined: {exc}")
+    except Exception as exc:  # optional join: an unreadable layout must not lose the behaviour results
+        result.notes.append(f"weight-based head metrics not joined: {type(exc).__name__}: {exc}")
         return
     keep = ["layer", "head"] + [c for c in w.columns if c.startswith(("qk_", "ov_")) and not c.endswith("_top_eigs")]
     result.heads = result.heads.drop(columns=[c for c in keep[2:] if c in result.heads]).merge(
