@@ -30,12 +30,13 @@ import torch
 from ..config import Config
 from ..errors import LayerscopeError
 from .data import IGNORE, ProbeData, load_data, load_tokenizer, make_batches, token_hash
-from .head_behaviour import (SINK_EPS, HeadAccumulator, detection_patterns, icl_loss_drop, induction_stripe, repeated_random_tokens,
-                             sequence_scores)
+from .head_behaviour import (SINK_EPS, HeadAccumulator, icl_loss_drop, induction_stripe, repeated_random_tokens,
+                             layer_scores, score_masks)
 from .lens import LensAccumulator, find_lens
 from .model import RunnableModel, load_model
 from .neurons import NeuronAccumulator, token_contexts
 from .representations import RepresentationAccumulator, cka_matrix
+from .workspace import Workspace
 
 Progress = Callable[[str, int, int], None]
 VERSION = "1"
@@ -168,6 +169,20 @@ def find_mlp_down(model: RunnableModel) -> dict[int, torch.nn.Module]:
     return out
 
 
+def forward_kwargs(module: torch.nn.Module) -> dict[str, Any]:
+    """What every probing forward passes: attentions and hidden states, and no KV cache (nothing is
+    generated; building the cache is a copy of every key and value)."""
+    kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True}
+    try:
+        import inspect
+
+        if "use_cache" in inspect.signature(module.forward).parameters:
+            kwargs["use_cache"] = False
+    except (TypeError, ValueError):
+        pass
+    return kwargs
+
+
 def _eager(module: torch.nn.Module) -> None:
     """Attention probabilities need an implementation that returns them."""
     config = getattr(module, "config", None)
@@ -203,6 +218,8 @@ class Collector:
         per_batch = math.ceil(options.cka_tokens / max(n_batches, 1))
         self.cka_per_batch = min(per_batch, batch_tokens)
         self.gen = torch.Generator().manual_seed(options.seed)
+        self.forward_kwargs = forward_kwargs(model.module)
+        self.ws = Workspace()
         self.lens_checked = False
         self.causal: bool | None = None
 
@@ -215,8 +232,7 @@ class Collector:
         self.block_out.clear()
         self.neuron_in.clear()
         with torch.no_grad():
-            out = self.model.module(input_ids=ids.to(self.model.device), output_attentions=True,
-                                    output_hidden_states=True)
+            out = self.model.module(input_ids=ids.to(self.model.device), **self.forward_kwargs)
         if out.attentions is None or any(a is None for a in out.attentions):
             raise LayerscopeError(f"{self.model.label}: the model returned no attention probabilities "
                                   "(its attention implementation does not support output_attentions)")
@@ -227,20 +243,17 @@ class Collector:
         dev_ids = ids.to(self.model.device)
         if self.causal is None:
             self.causal = bool((out.attentions[0][:, :, 0, 1:] == 0).all())
-        patterns = detection_patterns(dev_ids)  # once per batch, shared by every layer
-        for layer, att in enumerate(out.attentions):
-            self.heads.add(layer, sequence_scores(att, dev_ids, patterns, eps=self.options.sink_eps))
+        masks = score_masks(dev_ids)  # once per batch, shared by every layer
+        for layer, scores in enumerate(layer_scores(out.attentions, masks, self.options.sink_eps, self.ws)):
+            self.heads.add(layer, scores)
         self.heads.sequences += ids.shape[0]
         hs = out.hidden_states
         states = [hs[0]] + [self.block_out[i] for i in range(len(self.block_out))] if self.block_out else list(hs)
         n_tok = ids.numel()
         picked = torch.randperm(n_tok, generator=self.gen)[: self.cka_per_batch].to(self.model.device)
-        self.reps.n += n_tok
-        for layer, s in enumerate(states):
-            self.reps.add(layer, s, picked)
+        self.reps.add_layers(states, picked)
         self.neurons.tokens += n_tok
-        for layer, a in self.neuron_in.items():
-            self.neurons.add(layer, a, offset)
+        self.neurons.add_layers(self.neuron_in, offset)
         if self.lens_acc is not None:
             if not self.lens_checked:
                 self._check_lens(states[-1], out.logits)
@@ -289,6 +302,7 @@ def collect(model: RunnableModel, data: ProbeData, options: ActivationOptions,
                 progress("batches", b + 1, n_batches)
     finally:
         col.close()
+    col.neurons.finish()
     return col
 
 
