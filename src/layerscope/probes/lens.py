@@ -63,26 +63,26 @@ NAMES = ("loss", "top1_agreement", "kl_to_final", "entropy", "top1_accuracy")
 
 
 def layer_stats(logits: torch.Tensor, target: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
-    """(len(NAMES), layers) float64 sums over positions, from (layers, c, V) logits whose last layer is
-    the model's final prediction, and the (c,) next tokens: loss; agreement with the final top-1
-    ("the final top-1 token has this layer's largest log-probability": the same as comparing argmaxes
-    but for exact ties, and one max instead of an argmax per layer); KL(final ‖ layer) =
-    Σ p_f log p_f − Σ p_f log p_layer, exactly 0 at the last layer (the same two numbers); entropy;
-    accuracy."""
-    layers, c, vocab = logits.shape
+    """(len(NAMES), layers) float64 sums over positions, from (c, layers, V) logits (position-major)
+    whose last layer is the model's final prediction, and the (c,) next tokens: loss; agreement with
+    the final top-1 ("the final top-1 token has this layer's largest log-probability": the same as
+    comparing argmaxes but for exact ties, and one max instead of an argmax per layer);
+    KL(final ‖ layer) = Σ p_f log p_f − Σ p_f log p_layer, exactly 0 at the last layer (the same two
+    numbers); entropy; accuracy. The two sums over the vocabulary are batched matmuls."""
+    c, layers, vocab = logits.shape
     ws = ws or Workspace()
     logp = torch.log_softmax(logits, dim=-1, out=ws("logp", logits.shape, logits.dtype, logits.device))
     p = torch.exp(logp, out=ws("p", logits.shape, logits.dtype, logits.device))
-    top = logp.amax(-1)  # (layers, c)
-    f_logp, f_p = logp[-1], p[-1]
+    top = logp.amax(-1)  # (c, layers)
+    f_logp, f_p = logp[:, -1], p[:, -1]
     f_top = f_logp.argmax(-1)
-    at_target = logp.gather(-1, target.view(1, c, 1).expand(layers, c, 1)).squeeze(-1)
-    at_final_top = logp.gather(-1, f_top.view(1, c, 1).expand(layers, c, 1)).squeeze(-1)
-    neg_entropy = torch.bmm(p.view(-1, 1, vocab), logp.view(-1, vocab, 1)).view(layers, c)
-    cross = torch.mul(logp, f_p, out=ws("prod", logits.shape, logits.dtype, logits.device)).sum(-1)  # Σ p_f log p_layer
-    per_position = torch.stack([-at_target, (at_final_top >= top).to(logp.dtype), cross[-1] - cross, -neg_entropy,
+    at_target = logp.gather(-1, target.view(c, 1, 1).expand(c, layers, 1)).squeeze(-1)
+    at_final_top = logp.gather(-1, f_top.view(c, 1, 1).expand(c, layers, 1)).squeeze(-1)
+    neg_entropy = torch.bmm(p.view(-1, 1, vocab), logp.view(-1, vocab, 1)).view(c, layers)
+    cross = torch.bmm(logp, f_p.unsqueeze(-1)).squeeze(-1)  # (c, layers): Σ p_f log p_layer
+    per_position = torch.stack([-at_target, (at_final_top >= top).to(logp.dtype), cross[:, -1:] - cross, -neg_entropy,
                                 (at_target >= top).to(logp.dtype)])
-    return per_position.sum(-1, dtype=torch.float64)
+    return per_position.sum(1, dtype=torch.float64)
 
 
 def chunks(n: int, vocab: int) -> list[slice]:
@@ -110,11 +110,13 @@ class LensAccumulator:
         batched operation over (layers, positions, vocabulary). Chunks keep that block under
         ``CHUNK_ELEMENTS``. Per-position values are float32; their sums over positions float64."""
         mask = (labels != -100).flatten()
-        if not bool(mask.any()):
+        every = bool(mask.all())  # then no boolean indexing (a gather per state)
+        if not every and not bool(mask.any()):
             return
-        target = labels.flatten()[mask]
+        target = labels.flatten() if every else labels.flatten()[mask]
         n = len(target)
-        final = final_logits.reshape(-1, final_logits.shape[-1])[mask]
+        final = final_logits.reshape(-1, final_logits.shape[-1])
+        final = final if every else final[mask]
         vocab = final.shape[-1]
         if self.counts is None:
             self.counts = torch.zeros(vocab, dtype=torch.float64)
@@ -122,20 +124,19 @@ class LensAccumulator:
         n_layers = len(states)
         for k in NAMES:
             self.sums.setdefault(k, torch.zeros(n_layers, dtype=torch.float64))
-        x = torch.stack([s.reshape(-1, s.shape[-1])[mask] for s in states[:-1]]) if n_layers > 1 else None
+        flat = [s.reshape(-1, s.shape[-1]) for s in states[:-1]]
+        x = torch.stack(flat if every else [f[mask] for f in flat], dim=1) if n_layers > 1 else None  # (n, L − 1, d)
         sums = torch.zeros(len(NAMES), n_layers, dtype=torch.float64, device=final.device)
         with torch.no_grad():
             for sl in chunks(n, vocab * n_layers):
                 c = sl.stop - sl.start
-                parts = [final[sl].float()[None]]
                 if x is not None:
-                    xs = x[:, sl]  # (L − 1, c, d)
-                    parts.insert(0, lens(xs.reshape(-1, xs.shape[-1])).float().reshape(n_layers - 1, c, vocab))
-                if len(parts) > 1:
-                    shape = (n_layers, c, vocab)
-                    logits = torch.cat(parts, out=self.ws("logits", shape, parts[0].dtype, parts[0].device))
+                    xs = x[sl]  # (c, L − 1, d), position-major: the lens' rows come out in (position, layer) order
+                    parts = [lens(xs.reshape(-1, xs.shape[-1])).float().view(c, n_layers - 1, vocab), final[sl, None].float()]
+                    logits = torch.cat(parts, dim=1, out=self.ws("logits", (c, n_layers, vocab), parts[0].dtype,
+                                                                   parts[0].device))
                 else:
-                    logits = parts[0]
+                    logits = final[sl, None].float()
                 sums += layer_stats(logits, target[sl], self.ws)
         for k, name in enumerate(NAMES):
             self.sums[name] += sums[k].cpu()

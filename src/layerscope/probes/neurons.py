@@ -26,7 +26,7 @@ ALWAYS_ON = 0.99
 BLOCK = 8  # tokens per block in ``top_rows``
 
 
-def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(x: torch.Tensor, k: int, values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``x.topk(k, dim=-2)`` of a float32 (…, n, f) tensor for a small k, by k rounds of a max over
     rows. The CPU's top-k (and any max that returns indices) works column by column, about 0.5 µs
     each; a plain max is one vectorised pass. So each value and its row are packed into one int64
@@ -45,6 +45,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         best.append(m)
         key.scatter_(-2, m & 0xFFFFFFFF, torch.iinfo(torch.int64).min)
     m = torch.cat(best, dim=-2)
+    if not values:
+        return None, m & 0xFFFFFFFF
     hi = m >> 32
     vals = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(torch.int32).view(torch.float32)
     return vals, m & 0xFFFFFFFF
@@ -64,7 +66,7 @@ def block_candidates(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         return a, rows
     lead = a.shape[:-2]
     maxima = a[..., : nb * BLOCK, :].reshape(*lead, nb, BLOCK, f).amax(-2)
-    best = topk_rows(maxima, k)[1]  # (…, k, f) block numbers
+    best = topk_rows(maxima, k, values=False)[1]  # (…, k, f) block numbers
     offsets = torch.arange(BLOCK, device=a.device)[:, None]
     rows = (best[..., :, None, :] * BLOCK + offsets).reshape(*lead, k * BLOCK, f)
     if nb * BLOCK < n:  # the last partial block is always a candidate
@@ -94,6 +96,7 @@ def active_counts(a: torch.Tensor, threshold: float, out: torch.Tensor | None = 
     return c
 
 
+STACK_ELEMENTS = 1 << 22  # activations (all layers) up to which the layers are stacked into one tensor
 MERGE_ELEMENTS = 1 << 21  # pending top-k candidates (values) per group before they are merged
 
 
@@ -132,19 +135,27 @@ class NeuronAccumulator:
         if not acts:
             return
         by_width: dict[int, list[int]] = {}
-        for layer, a in acts.items():
-            by_width.setdefault(a.shape[-1], []).append(layer)
-        for width, layers in by_width.items():
+        if sum(a.numel() for a in acts.values()) <= STACK_ELEMENTS:
+            for layer, a in acts.items():
+                by_width.setdefault(a.shape[-1], []).append(layer)
+        else:  # large: layer by layer, with no stacking copy
+            by_width = {i: [layer] for i, layer in enumerate(acts)}
+        for layers in by_width.values():
+            width = acts[layers[0]].shape[-1]
             parts = [acts[layer].reshape(-1, width) for layer in layers]
             g = self.groups.get((width, tuple(layers)))
             if g is None:
                 g = self.groups[(width, tuple(layers))] = _Group(
                     layers, torch.zeros(len(layers), width, dtype=torch.float64, device=parts[0].device))
             shape = (len(layers), *parts[0].shape)
-            if g.stack is None or g.stack.shape != shape or g.stack.dtype != parts[0].dtype:
-                g.stack = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device)
+            if g.signs is None or g.signs.shape != shape:
                 g.signs = torch.empty(shape, dtype=torch.float32, device=parts[0].device)
-            a = torch.stack(parts, out=g.stack)  # (L, N, F)
+            if len(parts) == 1:
+                a = parts[0][None]
+            else:
+                if g.stack is None or g.stack.shape != shape or g.stack.dtype != parts[0].dtype:
+                    g.stack = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device)
+                a = torch.stack(parts, out=g.stack)  # (L, N, F)
             g.count += active_counts(a if a.dtype == torch.float32 else a.float(), self.threshold, out=g.signs)
             vals, rows = block_candidates(a, self.top_k)
             g.pending.append((vals, rows + offset))

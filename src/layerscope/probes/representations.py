@@ -27,6 +27,9 @@ import torch
 from .workspace import Workspace
 
 
+STACK_ELEMENTS = 1 << 20  # states (all layers of one width) up to which the layers are stacked
+
+
 @dataclass
 class _Sums:
     """Running float64 sums for a run of consecutive layers of one width, stacked: (layers, …)."""
@@ -34,8 +37,8 @@ class _Sums:
     layers: list[int]
     norm_sum: torch.Tensor
     unit_sum: torch.Tensor  # (layers, d)
-    first: torch.Tensor  # (layers, d)
-    second: torch.Tensor  # (layers, d, d)
+    mean: torch.Tensor  # (layers, d)
+    scatter: torch.Tensor  # (layers, d, d): Σ (h − mean)(h − mean)ᵀ
 
 
 @dataclass
@@ -49,10 +52,11 @@ class RepresentationAccumulator:
 
     def add_layers(self, states: list[torch.Tensor], picked: torch.Tensor | None) -> None:
         """One batch: ``states`` one (B, S, d) per layer (0 = embeddings). The batch's sums are taken
-        in the states' precision (float32: pairwise-summed reductions and one batched matmul for the
-        second moments, relative error ~1e-7 over a batch) and accumulated across batches in float64.
-        Layers of equal width are stacked, so the cost is a handful of batched operations whatever
-        the depth (one group for every model we know; a width change starts a new group)."""
+        in the states' precision (float32: pairwise-summed reductions, and one batched matmul for the
+        scatter about the batch's own mean, relative error ~1e-7 of the covariance however large the
+        states' common mean) and merged across batches in float64 (Chan et al.'s pairwise update of
+        mean and scatter). Small layers of one width are stacked, so the cost is a handful of batched
+        operations whatever the depth; large ones go layer by layer (no stacking copy)."""
         if not self.groups:
             spans: list[list[int]] = []
             for i, s in enumerate(states):
@@ -62,35 +66,55 @@ class RepresentationAccumulator:
                     spans.append([i])
         else:
             spans = [g.layers for g in self.groups]
-        self.n += states[0].shape[:-1].numel()
+        n_a, n_b = self.n, states[0].shape[:-1].numel()
+        self.n += n_b
         batch_sample = []
         for gi, layers in enumerate(spans):
             parts = [states[i].reshape(-1, states[i].shape[-1]) for i in layers]
-            shape = (len(layers), *parts[0].shape)
-            x = torch.stack(parts, out=self.ws(f"stack{gi}", shape, parts[0].dtype, parts[0].device))  # (L, N, d)
-            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            norms = x.norm(dim=-1)  # (L, N)
-            unit = torch.div(x, norms.clamp_min(1e-30)[..., None], out=self.ws(f"unit{gi}", x.shape, x.dtype, x.device))
-            sums = (norms.double().sum(-1), unit.sum(1).double(),
-                    x.sum(1).double(), torch.bmm(x.transpose(1, 2), x).double())
+            parts = [p.float() if p.dtype in (torch.float16, torch.bfloat16) else p for p in parts]
+            if sum(p.numel() for p in parts) <= STACK_ELEMENTS:  # small: one batched call for all layers
+                shape = (len(layers), *parts[0].shape)
+                x = torch.stack(parts, out=self.ws(f"stack{gi}", shape, parts[0].dtype, parts[0].device))  # (L, N, d)
+                sums = self._sums(x, f"unit{gi}")
+            else:  # large: layer by layer (the stacking copy would cost more than the calls it saves)
+                x = None
+                sums = tuple(torch.cat(v) for v in zip(*(self._sums(p[None], "unit") for p in parts)))
+            norm_sum, unit_sum, mean, scatter = sums
             if gi < len(self.groups):
                 g = self.groups[gi]
-                for acc, v in zip((g.norm_sum, g.unit_sum, g.first, g.second), sums):
-                    acc += v
+                g.norm_sum += norm_sum
+                g.unit_sum += unit_sum
+                delta = mean - g.mean
+                g.scatter += scatter + (n_a * n_b / (n_a + n_b)) * delta[:, :, None] * delta[:, None, :]
+                g.mean += delta * (n_b / (n_a + n_b))
             else:
                 self.groups.append(_Sums(layers, *sums))
             if picked is not None:
-                batch_sample.append(x[:, picked].float().cpu())
+                batch_sample.append(x[:, picked].float().cpu() if x is not None else
+                                    torch.stack([p[picked].float().cpu() for p in parts]))
         if picked is not None:
             self.sample.append(batch_sample)
+
+    def _sums(self, x: torch.Tensor, buffer: str) -> tuple[torch.Tensor, ...]:
+        """(L, N, d) float states -> Σ‖h‖ (L,), Σ h/‖h‖ (L, d), the mean (L, d) and the scatter about
+        it Σ (h − mean)(h − mean)ᵀ (L, d, d), float64. The scatter is taken about the float32 mean m
+        and corrected exactly: Σ (h − μ)(h − μ)ᵀ = Σ (h − m)(h − m)ᵀ − N (μ − m)(μ − m)ᵀ."""
+        n = x.shape[1]
+        norms = x.norm(dim=-1)  # (L, N)
+        work = self.ws(buffer, x.shape, x.dtype, x.device)
+        unit_sum = torch.div(x, norms.clamp_min(1e-30)[..., None], out=work).sum(1).double()
+        m = x.mean(1, keepdim=True)
+        xc = torch.sub(x, m, out=work)
+        shift = xc.sum(1).double() / n  # μ − m
+        scatter = torch.bmm(xc.transpose(1, 2), xc).double() - n * shift[:, :, None] * shift[:, None, :]
+        return norms.double().sum(-1), unit_sum, m.squeeze(1).double() + shift, scatter
 
     def rows(self) -> list[dict]:
         """Per-layer rows; the covariance eigenvalues of a group's layers in one batched call, once per run."""
         n = self.n
         by_layer = {}
         for g in self.groups:
-            mu = g.first / n
-            cov = (g.second - n * mu[:, :, None] * mu[:, None, :]) / max(n - 1, 1)
+            cov = g.scatter / max(n - 1, 1)
             ranks = effective_ranks(cov)
             aniso = ((g.unit_sum * g.unit_sum).sum(-1) - n) / (n * (n - 1)) if n > 1 else None
             for k, layer in enumerate(g.layers):
