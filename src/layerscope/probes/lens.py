@@ -62,17 +62,19 @@ def find_lens(model, blocks_name: str | None) -> tuple[LensHead | None, str]:
 NAMES = ("loss", "top1_agreement", "kl_to_final", "entropy", "top1_accuracy")
 
 
-def layer_stats(logits: torch.Tensor, target: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+def layer_stats(logits: torch.Tensor, target: torch.Tensor, ws: Workspace | None = None, owned: bool = False) -> torch.Tensor:
     """(len(NAMES), layers) float64 sums over positions, from (c, layers, V) logits (position-major)
     whose last layer is the model's final prediction, and the (c,) next tokens: loss; agreement with
     the final top-1 ("the final top-1 token has this layer's largest log-probability": the same as
     comparing argmaxes but for exact ties, and one max instead of an argmax per layer);
     KL(final ‖ layer) = Σ p_f log p_f − Σ p_f log p_layer, exactly 0 at the last layer (the same two
-    numbers); entropy; accuracy. The two sums over the vocabulary are batched matmuls."""
+    numbers); entropy; accuracy. The two sums over the vocabulary are batched matmuls. ``owned``: the
+    logits are a work buffer, free to be overwritten (by the probabilities)."""
     c, layers, vocab = logits.shape
     ws = ws or Workspace()
     logp = torch.log_softmax(logits, dim=-1, out=ws("logp", logits.shape, logits.dtype, logits.device))
-    p = torch.exp(logp, out=ws("p", logits.shape, logits.dtype, logits.device))
+    p = torch.exp(logp, out=logits if logits.is_contiguous() and owned else ws("p", logits.shape, logits.dtype,
+                                                                               logits.device))
     top = logp.amax(-1)  # (c, layers)
     f_logp, f_p = logp[:, -1], p[:, -1]
     f_top = f_logp.argmax(-1)
@@ -137,7 +139,7 @@ class LensAccumulator:
                                                                    parts[0].device))
                 else:
                     logits = final[sl, None].float()
-                sums += layer_stats(logits, target[sl], self.ws)
+                sums += layer_stats(logits, target[sl], self.ws, owned=x is not None)
         for k, name in enumerate(NAMES):
             self.sums[name] += sums[k].cpu()
         self.positions += n

@@ -87,12 +87,13 @@ def active_counts(a: torch.Tensor, threshold: float, out: torch.Tensor | None = 
     """Per neuron, how many tokens have activation > threshold: (…, tokens, neurons) -> (…, neurons)
     float32. Summed as float32 signs (exact below 2²⁴ tokens per batch; a third of the time of a bool
     sum on the CPU); a column holding a NaN is recounted with the comparison, where NaN is not active.
-    ``out``: a work buffer shaped like ``a``, reused from batch to batch."""
+    ``out``: a work buffer shaped like ``a``, reused from batch to batch (``a`` itself when it may be
+    overwritten)."""
     x = a if threshold == 0 else a - threshold
-    c = torch.sign(x, out=out) if out is not None and out.shape == x.shape else x.sign()
-    c = c.clamp_(min=0).sum(-2)
-    if bool(c.isnan().any()):
-        c = (a > threshold).sum(-2).to(c.dtype)
+    signs = torch.sign(x, out=out) if out is not None and out.shape == x.shape else x.sign()
+    c = signs.clamp_(min=0).sum(-2, dtype=torch.float32)
+    if bool(c.isnan().any()):  # NaN stays NaN through sign and clamp; every other entry is 1 (active) or 0
+        c = (signs > 0).sum(-2, dtype=torch.float32)
     return c
 
 
@@ -148,16 +149,18 @@ class NeuronAccumulator:
                 g = self.groups[(width, tuple(layers))] = _Group(
                     layers, torch.zeros(len(layers), width, dtype=torch.float64, device=parts[0].device))
             shape = (len(layers), *parts[0].shape)
-            if g.signs is None or g.signs.shape != shape:
-                g.signs = torch.empty(shape, dtype=torch.float32, device=parts[0].device)
-            if len(parts) == 1:
+            if len(parts) == 1:  # the model's own tensor: counted through a work buffer
                 a = parts[0][None]
-            else:
+                if g.signs is None or g.signs.shape != shape:
+                    g.signs = torch.empty(shape, dtype=torch.float32, device=a.device)
+                vals, rows = block_candidates(a, self.top_k)
+                g.count += active_counts(a if a.dtype == torch.float32 else a.float(), self.threshold, out=g.signs)
+            else:  # stacked into our buffer, which the count then overwrites (top-k candidates first)
                 if g.stack is None or g.stack.shape != shape or g.stack.dtype != parts[0].dtype:
                     g.stack = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device)
                 a = torch.stack(parts, out=g.stack)  # (L, N, F)
-            g.count += active_counts(a if a.dtype == torch.float32 else a.float(), self.threshold, out=g.signs)
-            vals, rows = block_candidates(a, self.top_k)
+                vals, rows = block_candidates(a, self.top_k)
+                g.count += active_counts(a, self.threshold, out=a if a.dtype == torch.float32 else None)
             g.pending.append((vals, rows + offset))
             if sum(v.numel() for v, _ in g.pending) > MERGE_ELEMENTS:
                 self._merge(g)
