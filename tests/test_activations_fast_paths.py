@@ -50,25 +50,28 @@ def test_top_rows_equals_torch_topk(n):
 
 
 @pytest.mark.parametrize("stack", [True, False])
-def test_running_counts_and_top_k_over_batches_equal_a_direct_pass(monkeypatch, stack):
+@pytest.mark.parametrize("seq", [24, 5])  # 5: fewer blocks than k, every token a candidate
+def test_running_counts_and_top_k_over_batches_equal_a_direct_pass(monkeypatch, stack, seq):
     monkeypatch.setattr(neurons, "MERGE_ELEMENTS", 300)  # merge every few batches
     monkeypatch.setattr(neurons, "STACK_ELEMENTS", 1 << 30 if stack else 0)
     gen = torch.Generator().manual_seed(1)
-    batches = [{layer: torch.nn.functional.gelu(torch.randn(4, 24, 16, generator=gen) * 2) for layer in range(3)}
+    batches = [{layer: torch.nn.functional.gelu(torch.randn(4, seq, 16, generator=gen) * 2) for layer in range(3)}
                for _ in range(7)]
     batches[2][1][0, 3, 5] = 50.0  # one planted maximum
+    originals = [{layer: a.clone() for layer, a in acts.items()} for acts in batches]
     acc = NeuronAccumulator(threshold=0.1, top_k=5)
     for b, acts in enumerate(batches):
-        acc.tokens += 4 * 24
-        acc.add_layers(acts, b * 4 * 24)
+        acc.tokens += 4 * seq
+        acc.add_layers(acts, b * 4 * seq)
     acc.finish()
+    assert all(torch.equal(a, originals[b][layer]) for b, acts in enumerate(batches) for layer, a in acts.items())
     for layer in range(3):
         flat = torch.cat([acts[layer].reshape(-1, 16) for acts in batches]).double()
         assert torch.equal(acc.active[layer], (flat > 0.1).sum(0))
         ref = flat.topk(5, dim=0).values
         assert torch.equal(acc.top_values[layer].double(), ref)
         assert torch.equal(flat.gather(0, acc.top_index[layer]), ref)
-    assert acc.top_index[1][0, 5] == 2 * 4 * 24 + 3 and acc.top_values[1][0, 5] == 50.0
+    assert acc.top_index[1][0, 5] == 2 * 4 * seq + 3 and acc.top_values[1][0, 5] == 50.0
 
 
 @pytest.mark.parametrize("stack", [True, False])

@@ -8,8 +8,10 @@ that is a positive pre-activation, the unit firing; for gated MLPs it counts pos
 never active and *always on* when its frequency is at least 0.99; a layer's ``sparsity`` is one minus
 its neurons' mean frequency.
 
-For every neuron the ``top_k`` largest activations and their token positions are kept (a running
-top-k merged batch by batch, so memory is O(neurons × top_k)); at the end the most and least
+For every neuron the ``top_k`` largest activations and their token positions are kept, exactly: each
+batch gives a small candidate set per neuron (``block_candidates``), and the candidates are merged by
+one top-k whenever they reach ``MERGE_ELEMENTS`` and at the end, so memory is O(neurons × top_k) plus
+that bound; at the end the most and least
 frequently active live neurons — and the highest-scoring ones under ``neuron_scores`` (the hook for
 the Fisher probe's per-neuron Fisher) — are shown with those tokens in context, decoded.
 """
@@ -17,8 +19,6 @@ the Fisher probe's per-neuron Fisher) — are shown with those tokens in context
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import math
 
 import torch
 
@@ -61,9 +61,9 @@ def block_candidates(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     a = a.float()
     n, f = a.shape[-2:]
     nb = n // BLOCK
-    if nb <= k:
+    if nb <= k:  # every token is a candidate (a copy: the caller may overwrite ``a``, or it is the model's)
         rows = torch.arange(n, device=a.device)[:, None].expand(*a.shape)
-        return a, rows
+        return a.clone(), rows
     lead = a.shape[:-2]
     maxima = a[..., : nb * BLOCK, :].reshape(*lead, nb, BLOCK, f).amax(-2)
     best = topk_rows(maxima, k, values=False)[1]  # (…, k, f) block numbers
