@@ -6,14 +6,15 @@ Per layer (0 = the embeddings' output, l = the output of block l), over every to
 * ``anisotropy``: mean cosine over all pairs of distinct token states, exactly, from the running sum
   of unit vectors: (‖Σ u‖² − n) / (n(n − 1)). 0 for isotropic states, near 1 when all share a direction.
 * ``effective_rank``: exp of the entropy of the normalised eigenvalues of the state covariance
-  (Roy & Vetterli 2007), from running float64 sums of h and h hᵀ.
+  (Roy & Vetterli 2007), from each batch's mean and scatter about it, merged across batches in
+  float64 (Chan et al.'s update), with the eigenvalues taken once per run.
 
 CKA: debiased linear CKA (Nguyen, Raghu & Kornblith 2021: the unbiased HSIC estimator of Song et al.
 2012 in place of the biased one) between every pair of layers, on the states of a seeded sample of
 token positions (the same positions in every layer; ``cka_tokens`` of them spread over the batches),
-computed with float32 products and float64 reductions (see ``cka_matrix``). With n sampled tokens and width d it uses n × n Gram matrices when n < d and d × d
-cross-products otherwise (Kornblith's feature-space form), whichever is cheaper; both are tested
-against a NumPy float64 reference.
+computed with float32 products and float64 reductions (see ``cka_matrix``). With n sampled tokens
+and width d it uses n × n Gram matrices when n < d and d × d cross-products otherwise (Kornblith's
+feature-space form), whichever is cheaper; both are tested against a NumPy float64 reference.
 """
 
 from __future__ import annotations
