@@ -30,12 +30,13 @@ import torch
 from ..config import Config
 from ..errors import LayerscopeError
 from .data import IGNORE, ProbeData, load_data, load_tokenizer, make_batches, token_hash
-from .head_behaviour import (SINK_EPS, HeadAccumulator, detection_patterns, icl_loss_drop, induction_stripe, repeated_random_tokens,
-                             sequence_scores)
+from .head_behaviour import (SINK_EPS, HeadAccumulator, icl_loss_drop, induction_stripe, repeated_random_tokens,
+                             layer_scores, score_masks)
 from .lens import LensAccumulator, find_lens
 from .model import RunnableModel, load_model
 from .neurons import NeuronAccumulator, token_contexts
 from .representations import RepresentationAccumulator, cka_matrix
+from .workspace import Workspace
 
 Progress = Callable[[str, int, int], None]
 VERSION = "1"
@@ -177,6 +178,20 @@ def find_mlp_down(model: RunnableModel) -> dict[int, torch.nn.Module]:
     return out
 
 
+def forward_kwargs(module: torch.nn.Module) -> dict[str, Any]:
+    """What every probing forward passes: attentions and hidden states, and no KV cache (nothing is
+    generated; building the cache is a copy of every key and value)."""
+    kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True}
+    try:
+        import inspect
+
+        if "use_cache" in inspect.signature(module.forward).parameters:
+            kwargs["use_cache"] = False
+    except (TypeError, ValueError):
+        pass
+    return kwargs
+
+
 def _eager(module: torch.nn.Module) -> None:
     """Attention probabilities need an implementation that returns them."""
     config = getattr(module, "config", None)
@@ -199,6 +214,7 @@ class Collector:
             self.lens, self.lens_note = None, ("logit lens: skipped: encoder-decoder model (its encoder is read; "
                                                "encoder states are not next-token predictions)")
         self.heads_note: str | None = None
+        self.neurons_note: str | None = None
         self.mlp = find_mlp_down(model)
         self.block_out: dict[int, torch.Tensor] = {}
         self.neuron_in: dict[int, torch.Tensor] = {}
@@ -216,6 +232,8 @@ class Collector:
         per_batch = math.ceil(options.cka_tokens / max(n_batches, 1))
         self.cka_per_batch = min(per_batch, batch_tokens)
         self.gen = torch.Generator().manual_seed(options.seed)
+        self.forward_kwargs = forward_kwargs(encoder_of(model) or model.module)
+        self.ws = Workspace()
         self.lens_checked = False
         self.causal: bool | None = None
 
@@ -227,7 +245,7 @@ class Collector:
     def forward(self, ids: torch.Tensor):
         self.block_out.clear()
         self.neuron_in.clear()
-        out = run_module(self.model, ids)
+        out = run_module(self.model, ids, self.forward_kwargs)
         if attentions_of(out) is None and self.heads_note is None:
             self.heads_note = ("attention behaviour: skipped: the model returns no attention probabilities "
                                "(no softmax attention, or an implementation that cannot return them)")
@@ -237,23 +255,33 @@ class Collector:
         out = self.forward(ids)
         dev_ids = ids.to(self.model.device)
         attentions = attentions_of(out)
-        if attentions is not None:
+        # hybrids (attention and SSM / linear-attention layers) give None for the latter; layers whose
+        # keys are not the input positions (memory or prompt tokens) cannot be scored against the text
+        layers = [i for i, a in enumerate(attentions or ()) if a is not None and a.shape[-1] == ids.shape[-1]]
+        if layers:
             if self.causal is None:
-                self.causal = bool((attentions[0][:, :, 0, 1:] == 0).all())
-            patterns = detection_patterns(dev_ids)  # once per batch, shared by every layer
-            for layer, att in enumerate(attentions):
-                self.heads.add(layer, sequence_scores(att, dev_ids, patterns, eps=self.options.sink_eps))
+                self.causal = bool((attentions[layers[0]][:, :, 0, 1:] == 0).all())
+            masks = score_masks(dev_ids)  # once per batch, shared by every layer
+            for layer, scores in zip(layers, layer_scores(tuple(attentions[i] for i in layers), masks,
+                                                          self.options.sink_eps, self.ws)):
+                self.heads.add(layer, scores)
             self.heads.sequences += ids.shape[0]
         hs = out.hidden_states
         states = [hs[0]] + [self.block_out[i] for i in range(len(self.block_out))] if self.block_out else list(hs)
         n_tok = ids.numel()
+        if any(st.shape[:-1].numel() != n_tok for st in states):
+            raise LayerscopeError(f"{self.model.label}: its hidden states are not one row per input token (the "
+                                  "model adds positions of its own), so they cannot be read against the text")
         picked = torch.randperm(n_tok, generator=self.gen)[: self.cka_per_batch].to(self.model.device)
-        self.reps.n += n_tok
-        for layer, s in enumerate(states):
-            self.reps.add(layer, s, picked)
+        self.reps.add_layers(states, picked)
         self.neurons.tokens += n_tok
-        for layer, a in self.neuron_in.items():
-            self.neurons.add(layer, a, offset)
+        # an MLP that sees other positions than the text's (routed expert tokens, prompt or memory
+        # positions the model adds) cannot be attributed to tokens: left out, with a note
+        seen = {layer: a for layer, a in self.neuron_in.items() if a.shape[:-1].numel() == n_tok}
+        if len(seen) < len(self.neuron_in) and self.neurons_note is None:
+            self.neurons_note = ("neurons: layers " + ", ".join(str(k) for k in sorted(set(self.neuron_in) - set(seen)))
+                                 + " left out: their MLP input is not one row per input token")
+        self.neurons.add_layers(seen, offset)
         if self.lens_acc is not None:
             if not self.lens_checked:
                 self._check_lens(states[-1], out.logits)
@@ -274,21 +302,14 @@ class Collector:
 
 
 
-def run_module(model: RunnableModel, ids: torch.Tensor) -> Any:
+def run_module(model: RunnableModel, ids: torch.Tensor, kwargs: dict[str, Any] | None = None) -> Any:
     """One forward pass that returns attention probabilities and hidden states. Encoder-decoders run
     their encoder only: the decoder needs target text, and its states are conditioned on the encoder's,
     so the encoder is what "the model on this text" means. No KV cache: nothing reads it, and the
     caches of hybrid models (linear attention, SSM layers) fail when asked for their length."""
     module = encoder_of(model) or model.module
-    kwargs = dict(input_ids=ids.to(model.device), output_attentions=True, output_hidden_states=True, use_cache=False)
     with torch.no_grad():
-        try:
-            return module(**kwargs)
-        except TypeError as exc:  # models whose forward takes no use_cache (encoders)
-            if "use_cache" not in str(exc):
-                raise
-            kwargs.pop("use_cache")
-            return module(**kwargs)
+        return module(input_ids=ids.to(model.device), **(kwargs or forward_kwargs(module)))
 
 
 def encoder_of(model: RunnableModel) -> torch.nn.Module | None:
@@ -309,15 +330,16 @@ def attentions_of(out: Any) -> tuple[torch.Tensor, ...] | None:
 
 
 def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int, bos: int | None,
-                   exclude: tuple[int, ...], pool: torch.Tensor | None = None) -> tuple[np.ndarray, dict, dict]:
-    """Per (layer, head) induction score on random tokens repeated twice, the in-context-learning loss
-    drop (causal LMs), and the random sequences' layout."""
+                   exclude: tuple[int, ...], pool: torch.Tensor | None = None) -> tuple[dict, dict, dict]:
+    """{layer: per-head induction score} on random tokens repeated twice (layers with attention over
+    the input positions), the in-context-learning loss drop (causal LMs), and the sequences' layout."""
     offset = 1 if bos is not None else 0
     half = max(2, min(options.induction_half, ((model.max_positions or 2 * options.induction_half + 1) - offset) // 2))
     ids = repeated_random_tokens(vocab, half, options.induction_seqs, options.seed, bos, exclude, pool).to(model.device)
     out = run_module(model, ids)
-    scores = np.stack([induction_stripe(a, half, offset).mean(0).cpu().numpy() for a in attentions_of(out)])
-    icl = icl_loss_drop(out.logits, ids, half, offset) if model.kind == "causal" else {}
+    scores = {layer: induction_stripe(a, half, offset).mean(0).cpu().numpy()
+              for layer, a in enumerate(attentions_of(out) or ()) if a is not None and a.shape[-1] == ids.shape[-1]}
+    icl = icl_loss_drop(out.logits, ids, half, offset) if model.kind == "causal" and hasattr(out, "logits") else {}
     return scores, icl, {"half": half, "sequences": int(ids.shape[0]), "bos": bos}
 
 
@@ -335,6 +357,7 @@ def collect(model: RunnableModel, data: ProbeData, options: ActivationOptions,
                 progress("batches", b + 1, n_batches)
     finally:
         col.close()
+    col.neurons.finish()
     return col
 
 
@@ -385,7 +408,7 @@ def activations(model: Any, data: Any = None, *, other: Any = None, text_field: 
 
 def _compute(model: RunnableModel, data: ProbeData, options: ActivationOptions, neuron_scores, progress) -> ActivationsResult:
     col = collect(model, data, options, progress)
-    notes = [n for n in (col.heads_note, col.lens_note) if n]
+    notes = [n for n in (col.heads_note, col.lens_note, col.neurons_note) if n]
     rows = col.heads.rows()
     heads = pd.DataFrame(rows) if rows else pd.DataFrame(columns=HEAD_COLUMNS)
     tok = None
@@ -401,7 +424,8 @@ def _compute(model: RunnableModel, data: ProbeData, options: ActivationOptions, 
     vocab = model.vocab_size or int(data.input_ids.max()) + 1
     ind, icl, layout = (induction_pass(model, options, vocab, bos, tuple(tok.special_ids) if tok else (),
                                        torch.unique(data.input_ids)) if len(heads) else (None, {}, None))
-    heads["induction"] = [float(ind[int(r.layer), int(r.head)]) for r in heads.itertuples()]
+    heads["induction"] = [float(ind[int(r.layer)][int(r.head)]) if int(r.layer) in ind else math.nan
+                          for r in heads.itertuples()]
     lens = None
     summary: dict[str, Any] = {"causal_attention": col.causal, "induction_layout": layout, **icl,
                                "tokens": int(data.input_ids.numel())}
@@ -459,6 +483,8 @@ def _join_weight_heads(result: ActivationsResult, config: Config) -> None:
     except Exception as exc:  # optional join: an unreadable layout must not lose the behaviour results
         result.notes.append(f"weight-based head metrics not joined: {type(exc).__name__}: {exc}")
         return
+    if "stack" in w.columns:  # an encoder-decoder: behaviour is read on the encoder's self-attention
+        w = w[(w["stack"] == "encoder") & (w.get("attention", "self") == "self")]
     keep = ["layer", "head"] + [c for c in w.columns if c.startswith(("qk_", "ov_")) and not c.endswith("_top_eigs")]
     result.heads = result.heads.drop(columns=[c for c in keep[2:] if c in result.heads]).merge(
         w[keep], on=["layer", "head"], how="left")

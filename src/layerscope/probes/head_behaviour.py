@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .workspace import Workspace
+
 SINK_EPS = 0.3
 SCORES = ("prev_token", "duplicate_token", "induction_text", "first_token_share", "sink_position_rate",
           "attention_entropy")
@@ -43,44 +45,84 @@ def detection_patterns(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"duplicate_token": dup, "induction_text": ind}
 
 
+def score_masks(ids: torch.Tensor, patterns: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, S·S, 5) float32 masks whose products with a flattened attention matrix give, in one batched
+    matmul, every linear score's numerator: total attention, previous token, duplicate token, induction
+    (text) and attention to position 0 from queries i ≥ 1. Built once per batch, shared by every layer."""
+    b, s = ids.shape
+    patterns = patterns if patterns is not None else detection_patterns(ids)
+    m = torch.zeros(b, s, s, 5, dtype=torch.float32, device=ids.device)
+    m[..., 0] = 1.0
+    m[..., 1] = torch.ones(s, s, device=ids.device).tril(-1).triu(-1)  # j = i − 1
+    m[..., 2] = patterns["duplicate_token"]
+    m[..., 3] = patterns["induction_text"]
+    m[:, 1:, 0, 4] = 1.0
+    return m.reshape(b, s * s, 5)
+
+
+def score_matrix(att: torch.Tensor, masks: torch.Tensor, eps: float = SINK_EPS, ws: Workspace | None = None) -> torch.Tensor:
+    """Every per-sequence score, stacked: ``att`` (B, H, S, S) -> (B, H, len(SCORES)) float64, in
+    ``SCORES`` order; H may be several layers' heads side by side (``layer_scores``). Two passes over
+    the attention: one batched matmul against ``masks`` (every linear score: float32 sums of at most
+    S² terms, relative error ~1e-7) and the entropy's log."""
+    b, h, s, _ = att.shape
+    a = att if att.dtype == torch.float32 else att.to(torch.float32)
+    lin = torch.bmm(a.reshape(b, h, s * s), masks).to(torch.float64)  # (B, H, 5)
+    total = lin[..., 0]
+    rest = a[:, :, 1:]
+    # −Σ a ln a over the queries i ≥ 1; a = 0 (masked keys) contributes 0 through the clamp
+    work = torch.clamp_min(rest, 1e-30, out=(ws or Workspace())("entropy", rest.shape, rest.dtype, rest.device))
+    ent = -work.log_().mul_(rest).sum(dim=(-1, -2)).to(torch.float64) / max(s - 1, 1)
+    sink = (rest[..., 0] > eps).sum(-1).to(torch.float64) / max(s - 1, 1)
+    return torch.stack([lin[..., 1] / total, lin[..., 2] / total, lin[..., 3] / total,
+                        lin[..., 4] / max(s - 1, 1), sink, ent], dim=-1)
+
+
+STACK_ELEMENTS = 1 << 22  # attention entries up to which every layer is scored in one stacked call
+
+
+def layer_scores(attentions: tuple[torch.Tensor, ...], masks: torch.Tensor, eps: float = SINK_EPS,
+                 ws: Workspace | None = None) -> list[torch.Tensor]:
+    """``score_matrix`` for every layer: one (B, H, len(SCORES)) per layer. Small attention tensors
+    are stacked (one call for all layers: per-operation overhead dominates there); large ones are
+    scored layer by layer (the stacking copy would cost more than it saves)."""
+    shapes = {tuple(a.shape) for a in attentions}
+    if len(shapes) == 1 and sum(a.numel() for a in attentions) <= STACK_ELEMENTS:
+        h = attentions[0].shape[1]
+        ws = ws or Workspace()
+        b, _, s, _ = attentions[0].shape
+        stacked = torch.cat(attentions, dim=1, out=ws("stacked", (b, h * len(attentions), s, s), attentions[0].dtype,
+                                                      attentions[0].device))
+        m = score_matrix(stacked, masks, eps, ws)  # (B, L·H, k)
+        return list(m.split(h, dim=1))
+    return [score_matrix(a, masks, eps, ws) for a in attentions]
+
+
 def sequence_scores(att: torch.Tensor, ids: torch.Tensor, patterns: dict[str, torch.Tensor] | None = None,
                     eps: float = SINK_EPS) -> dict[str, torch.Tensor]:
     """Every per-sequence score of one layer: ``att`` (B, H, S, S) -> {name: (B, H)} (float64)."""
-    a = att.to(torch.float32)
-    patterns = patterns if patterns is not None else detection_patterns(ids)
-    total = a.sum(dim=(-1, -2)).to(torch.float64)
-    out = {"prev_token": a.diagonal(offset=-1, dim1=-2, dim2=-1).sum(-1).to(torch.float64) / total}
-    for name, mask in patterns.items():
-        out[name] = torch.einsum("bhij,bij->bh", a, mask.to(a.dtype)).to(torch.float64) / total
-    first = a[:, :, 1:, 0]
-    out["first_token_share"] = first.mean(-1).to(torch.float64)
-    out["sink_position_rate"] = (first > eps).to(torch.float64).mean(-1)
-    ent = -torch.special.xlogy(a[:, :, 1:], a[:, :, 1:]).sum(-1)
-    out["attention_entropy"] = ent.mean(-1).to(torch.float64)
-    return out
+    m = score_matrix(att, score_masks(ids, patterns), eps)
+    return {name: m[..., k] for k, name in enumerate(SCORES)}
 
 
 @dataclass
 class HeadAccumulator:
     """Running sums of per-sequence scores, per layer: memory O(layers × heads)."""
 
-    sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, len(SCORES)) float64
     sequences: int = 0
 
-    def add(self, layer: int, scores: dict[str, torch.Tensor]) -> None:
-        acc = self.sums.setdefault(layer, {})
-        for name, v in scores.items():
-            s = v.sum(0).cpu()
-            acc[name] = acc[name] + s if name in acc else s
+    def add(self, layer: int, scores: torch.Tensor) -> None:
+        """scores: (B, H, len(SCORES)) from ``score_matrix``."""
+        s = scores.sum(0)
+        self.sums[layer] = self.sums[layer] + s if layer in self.sums else s
 
     def rows(self) -> list[dict]:
         rows = []
         for layer in sorted(self.sums):
-            acc = self.sums[layer]
-            n_heads = len(next(iter(acc.values())))
-            for h in range(n_heads):
-                rows.append({"layer": layer, "head": h,
-                             **{name: float(v[h]) / max(self.sequences, 1) for name, v in acc.items()}})
+            acc = self.sums[layer].cpu() / max(self.sequences, 1)
+            for h, values in enumerate(acc.tolist()):
+                rows.append({"layer": layer, "head": h, **dict(zip(SCORES, values))})
         return rows
 
 
