@@ -156,6 +156,31 @@ def find_blocks(model: RunnableModel) -> tuple[str | None, list[torch.nn.Module]
     return None, []
 
 
+class BlockOutputs:
+    """Forward hooks on the anatomy's blocks that keep each block's output for the current forward
+    pass: the residual stream before the final norm (``hidden_states[-1]`` of some models has the final
+    norm applied, so the hooks, not ``hidden_states``, define the layers' states)."""
+
+    def __init__(self, model: RunnableModel):
+        self.name, blocks = find_blocks(model)
+        self.n_blocks = len(blocks)
+        self.out: dict[int, torch.Tensor] = {}
+        self.handles = [b.register_forward_hook(
+            lambda mod, args, out, i=i: self.out.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+            for i, b in enumerate(blocks)]
+
+    def states(self, hidden_states: Any) -> list[torch.Tensor]:
+        """Layer 0: the embeddings' output (``hidden_states[0]``); layer l: the output of block l − 1."""
+        if not self.out:
+            return list(hidden_states)
+        return [hidden_states[0]] + [self.out[i] for i in range(len(self.out))]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 def find_mlp_down(model: RunnableModel) -> dict[int, torch.nn.Module]:
     """layer -> the down-projection module (its input is the layer's neuron activations)."""
     modules = dict(model.module.named_modules())
@@ -184,20 +209,17 @@ class Collector:
 
     def __init__(self, model: RunnableModel, options: ActivationOptions, n_batches: int, batch_tokens: int):
         self.model, self.options = model, options
-        self.blocks_name, blocks = find_blocks(model)
+        self.blocks = BlockOutputs(model)
+        self.blocks_name = self.blocks.name
         self.lens, self.lens_note = find_lens(model, self.blocks_name)
         self.mlp = find_mlp_down(model)
-        self.block_out: dict[int, torch.Tensor] = {}
         self.neuron_in: dict[int, torch.Tensor] = {}
         self.handles = []
-        for i, b in enumerate(blocks):
-            self.handles.append(b.register_forward_hook(
-                lambda mod, args, out, i=i: self.block_out.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
         for layer, m in self.mlp.items():
             self.handles.append(m.register_forward_pre_hook(
                 lambda mod, args, layer=layer: self.neuron_in.__setitem__(layer, args[0])))
         self.heads = HeadAccumulator()
-        self.lens_acc = LensAccumulator(len(blocks) + 1) if self.lens is not None else None
+        self.lens_acc = LensAccumulator(self.blocks.n_blocks + 1) if self.lens is not None else None
         self.reps = RepresentationAccumulator()
         self.neurons = NeuronAccumulator(options.neuron_threshold, options.neuron_top_k)
         per_batch = math.ceil(options.cka_tokens / max(n_batches, 1))
@@ -207,12 +229,13 @@ class Collector:
         self.causal: bool | None = None
 
     def close(self) -> None:
+        self.blocks.close()
         for h in self.handles:
             h.remove()
         self.handles = []
 
     def forward(self, ids: torch.Tensor):
-        self.block_out.clear()
+        self.blocks.out.clear()
         self.neuron_in.clear()
         with torch.no_grad():
             out = self.model.module(input_ids=ids.to(self.model.device), output_attentions=True,
@@ -231,8 +254,7 @@ class Collector:
         for layer, att in enumerate(out.attentions):
             self.heads.add(layer, sequence_scores(att, dev_ids, patterns, eps=self.options.sink_eps))
         self.heads.sequences += ids.shape[0]
-        hs = out.hidden_states
-        states = [hs[0]] + [self.block_out[i] for i in range(len(self.block_out))] if self.block_out else list(hs)
+        states = self.blocks.states(out.hidden_states)
         n_tok = ids.numel()
         picked = torch.randperm(n_tok, generator=self.gen)[: self.cka_per_batch].to(self.model.device)
         self.reps.n += n_tok
