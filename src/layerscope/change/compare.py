@@ -284,7 +284,10 @@ def _layer_cka(ref: Model, targets: list[Model], data: Any, store: Store, config
     out: dict[str, list[Any]] = {}
     for target in targets:
         if data is None:
-            found = stored_layer_cka(ref.source, target.source, store)
+            try:
+                found = stored_layer_cka(ref.source, target.source, store)
+            except LayerscopeError:  # an unreadable tensor has no weights hash: nothing stored to show
+                found = []
         else:
             found = [layer_cka(ref.source, target.source, data, store=store, cache=config.cache, progress=progress,
                                **options)]
