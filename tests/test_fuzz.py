@@ -75,6 +75,18 @@ def test_data_reader_regressions_are_the_crashes_found(tmp_path):
             read_texts(path)
         where = f"{path} line 1" if "field" in message else str(path)
         assert str(info.value) == f"--data {where}: {message}"
+    # a datasets folder whose Arrow file has string offsets past its data: memory-mapped and read
+    # unchecked, it killed the process (SIGBUS); now the table is validated first
+    from targets import small_dataset_files
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name, content in small_dataset_files().items():
+        bad = REGRESSIONS / "data_datasets" / "string_offsets_past_the_data.arrow"
+        (folder / name).write_bytes(bad.read_bytes() if name.endswith(".arrow") else content)
+    with pytest.raises(LayerscopeError, match=r"the dataset's Arrow data is corrupt: .*offsets") as info:
+        read_texts(folder)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

@@ -206,6 +206,12 @@ def _read_datasets(path: Path, text_field: str | None) -> tuple[list[str], str]:
     if isinstance(ds, datasets.DatasetDict):
         split = "test" if "test" in ds else "validation" if "validation" in ds else sorted(ds)[0]
         ds = ds[split]
+    try:
+        # the Arrow file is memory-mapped and read without checking its offsets: a corrupt one made the
+        # column read run past the mapping (SIGBUS, found by fuzzing); a full validation reads it first
+        ds.data.validate(full=True)
+    except Exception as exc:
+        raise LayerscopeError(f"--data {path}: the dataset's Arrow data is corrupt: {str(exc).splitlines()[0]}") from None
     docs = _text_column(path, text_field, list(ds.column_names), lambda key: ds[key])
     return docs, f"{path} (datasets{', split ' + split if split else ''}, column {text_field or 'text'})"
 
