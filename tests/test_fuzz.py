@@ -53,6 +53,42 @@ def test_regressions_are_the_crashes_found():
         TARGETS["trainer_state"](p.read_bytes())
 
 
+def test_data_reader_regressions_are_the_crashes_found(tmp_path):
+    """The probes' data readers: a .jsonl line that is not UTF-8 (UnicodeDecodeError from the file
+    iteration), a .jsonl line nested 5000 deep (RecursionError from json.loads), a .jsonl text with a
+    lone surrogate escape "\\ude42" (json.loads accepts it; UnicodeEncodeError in the tokenizer) and a
+    Parquet string column holding non-UTF-8 bytes (UnicodeDecodeError from pyarrow's conversion) each
+    raised a traceback; now each is one line naming the file and the line, field or column."""
+    import shutil
+
+    from layerscope.errors import LayerscopeError
+    from layerscope.probes.data import read_texts
+
+    expected = {"not_utf8_line.jsonl": "line 1 is not UTF-8 text", "nested_5000_deep.jsonl": "line 1 is not JSON",
+                "lone_surrogate_escape.jsonl": "field 'text' is not valid Unicode text (a lone surrogate escape)",
+                "string_column_not_utf8.parquet": "column 'text' holds bytes that are not UTF-8 text"}
+    for name, message in expected.items():
+        found = REGRESSIONS / ("data_parquet" if name.endswith(".parquet") else "data_jsonl") / name
+        path = tmp_path / ("data" + found.suffix)
+        shutil.copy(found, path)
+        with pytest.raises(LayerscopeError) as info:
+            read_texts(path)
+        where = f"{path} line 1" if "field" in message else str(path)
+        assert str(info.value) == f"--data {where}: {message}"
+    # a datasets folder whose Arrow file has string offsets past its data: memory-mapped and read
+    # unchecked, it killed the process (SIGBUS); now the table is validated first
+    from targets import small_dataset_files
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name, content in small_dataset_files().items():
+        bad = REGRESSIONS / "data_datasets" / "string_offsets_past_the_data.arrow"
+        (folder / name).write_bytes(bad.read_bytes() if name.endswith(".arrow") else content)
+    with pytest.raises(LayerscopeError, match=r"the dataset's Arrow data is corrupt: .*offsets") as info:
+        read_texts(folder)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_bounded_fuzzing_run(name, tmp_path):
     pytest.importorskip("atheris")

@@ -67,7 +67,9 @@ def _add_data(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_actio
     p.add_argument("--batches", type=int_at_least(1), default=4, help="batches (default 4)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per batch (default 8)")
     p.add_argument("--device", type=device, help="cpu, cuda, cuda:N or auto (no CUDA: the CPU)")
-    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model precision (default float32)")
+    # dest model_dtype: the model's precision, not Config.dtype (the spectrum's, which _config reads from args.dtype)
+    p.add_argument("--dtype", dest="model_dtype", choices=["float32", "float64", "bfloat16", "float16"],
+                   help="model precision (default float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--no-spectral", action="store_true", help="skip the spectral deltas (no analysis of either model)")
     cp.add_argument("--trim", type=float_between(0, 1), default=0.2,
                     help="TIES trim: sign conflicts also among the top fraction by magnitude (default 0.2)")
+    g = cp.add_argument_group("CKA on data (--data): debiased linear CKA between the same layer of A and B on the same tokens")
+    _add_data(g, "text to run both models on (" + DATA_HELP.split(" (")[0] + "); adds the per-layer cka column")
+    g.add_argument("--seed", type=int, help="seed for the windows drawn (default 0)")
     _add_store(cp)
     _add_cluster(cp)
     cp.set_defaults(check=_check_compare)
@@ -430,6 +435,13 @@ def _check_compare(args: argparse.Namespace) -> None:
         raise LayerscopeError("compare needs two checkpoints (A B), or a base (--base) and at least one fine-tune")
     if args.trim <= 0:
         raise LayerscopeError(f"--trim must lie in (0, 1], got {args.trim:g}")
+    if args.data is None:
+        given = [flag for flag, value in (("--text-field", args.text_field), ("--seq-len", args.seq_len),
+                                          ("--dtype", args.model_dtype)) if value is not None]
+        if given:
+            raise LayerscopeError(f"{', '.join(given)}: only with --data (CKA on data)")
+    elif not Path(args.data).expanduser().exists():  # before any drift is computed
+        raise LayerscopeError(f"--data {args.data}: no such file or directory")
 
 
 def cmd_compare(args: argparse.Namespace, console: "Console") -> int:
@@ -438,8 +450,11 @@ def cmd_compare(args: argparse.Namespace, console: "Console") -> int:
 
     with ProgressDisplay("comparing") as progress:
         result = compare(*args.paths, base=args.base, config=_config(args), top_k=args.top_k, procrustes=not args.no_procrustes,
-                         spectral=not args.no_spectral, keep=args.trim,
-                         progress=lambda done, total, name: progress.update("tensors", done, total, name))
+                         spectral=not args.no_spectral, keep=args.trim, data=args.data, text_field=args.text_field,
+                         seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
+                         model_dtype=args.model_dtype,
+                         progress=lambda done, total, name: progress.update(
+                             "CKA batches" if name == "cka batches" else "tensors", done, total, name))
     print_compare(result, console)
     if args.out:
         console.print(f"wrote {result.save(args.out)}")
@@ -533,7 +548,7 @@ def cmd_probe(args: argparse.Namespace, console: "Console") -> int:
         result = probe(args.path, datas[0], hessian=hessian, fisher=fisher, prune=args.prune, held_out=args.held_out,
                        compare_data=datas[1:], gradients=gradients, text_field=args.text_field, seq_len=args.seq_len,
                        batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
-                       dtype=args.dtype, config=config, revision=args.revision, progress=progress.update)
+                       dtype=args.model_dtype, config=config, revision=args.revision, progress=progress.update)
     print_probe(result, console)
     if args.out:
         console.print(f"wrote {result.save(args.out)}")
@@ -566,7 +581,7 @@ def cmd_activations(args: argparse.Namespace, console: "Console") -> int:
     with ProgressDisplay("activations") as progress:
         result = activations(args.path, args.data, other=args.other, text_field=args.text_field, seq_len=args.seq_len,
                              batches=args.batches, batch_size=args.batch_size, seed=config.seed, device=args.device,
-                             dtype=args.dtype, config=config, revision=args.revision, options=options,
+                             dtype=args.model_dtype, config=config, revision=args.revision, options=options,
                              progress=progress.update)
     print_activations(result, console)
     if args.out:
@@ -588,7 +603,7 @@ def cmd_landscape(args: argparse.Namespace, console: "Console") -> int:
         result = landscape(args.paths, args.data, directions=args.directions, grid=args.grid, span=args.span,
                            points=args.points, extend=args.extend, pad=args.pad, seed=args.seed,
                            points_per_forward=args.points_per_forward, device=args.device or config.device,
-                           dtype=args.dtype, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
+                           dtype=args.model_dtype, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
                            data_seed=args.data_seed, text_field=args.text_field, store=config.resolved_store(),
                            cache=config.cache, progress=progress.update)
     print_landscape(result, console)

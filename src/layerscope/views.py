@@ -468,10 +468,26 @@ def print_compare(result, console: Console | None = None) -> None:
             for key, title in (("most_drifted", "most drifted"), ("least_drifted", "least drifted")):
                 shown = ", ".join(f"{t['text']!r} {t['cosine']:.2f}" for t in tok[key][:12])
                 console.print(escape(f"  {title}: {shown}"))
+        _print_layer_cka(result, label, rows, console)
     tv = result.task_vectors
     if tv is not None and len(tv):
         cols = [c for c in tv.columns if c.startswith(("norm[", "cosine[", "sign_conflict"))]
         console.print(_role_table(f"task vectors (model − {result.reference}), mean by role", tv, cols, console.width))
+
+
+def _print_layer_cka(result, label: str, rows: "pd.DataFrame", console: Console) -> None:
+    """Per layer: CKA of the two models' hidden states on the same tokens, beside the layer's drift."""
+    import pandas as pd
+
+    cka = getattr(result, "cka", None)
+    if cka is None or not (cka["model"] == label).any():
+        return
+    drift = rows.groupby("layer")["rel_change"].mean() if len(rows) else pd.Series(dtype=float)
+    for data, part in cka[cka["model"] == label].groupby("data", sort=False):
+        shown = [["embeddings" if pd.isna(r.layer) else f"block {int(r.layer)}", _fmt(float(r.cka)),
+                  "—" if pd.isna(r.layer) else _fmt(float(drift.get(int(r.layer), math.nan)))] for r in part.itertuples()]
+        console.print(fitted_table(f"debiased linear CKA {result.reference} vs {label}, same tokens ({data})",
+                                   ["output of", "cka", "mean rel change"], shown, console.width, shrink=0))
 
 
 def print_trajectory(result, console: Console | None = None) -> None:

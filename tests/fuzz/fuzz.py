@@ -29,6 +29,7 @@ with atheris.instrument_imports(include=["layerscope", "json"]):
     import layerscope.anatomy  # noqa: F401
     import layerscope.change.trajectory  # noqa: F401
     import layerscope.sources  # noqa: F401
+    import layerscope.probes.data  # noqa: F401
 
 from targets import TARGETS  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from targets import CORPUS, small_safetensors_bytes
+from targets import CORPUS, small_dataset_files, small_safetensors_bytes
 
 
 def _write(target: str, name: str, data: bytes) -> None:
@@ -58,6 +58,28 @@ def main() -> None:
     torch.save({"w": torch.randn(4, 3, generator=g)}, buf, _use_new_zipfile_serialization=False)
     _write("torch_pickle", "legacy_format.bin", buf.getvalue())
 
+    data_seeds()
+
+
+def data_seeds() -> None:
+    """The probes' data readers: text, JSON Lines, Parquet, a datasets Arrow file (each long enough to
+    give the two 9-token windows the targets pack, so the seeds reach make_batches)."""
+    prose = "layerscope reads what the model does on text. "
+    _write("data_text", "english.txt", (prose * 3).encode())
+    _write("data_text", "unicode.txt", "naïve café — Ωμέγα, 漢字, emoji 🙂, tabs\tand\r\nCRLF lines.\n".encode())
+    lines = [json.dumps({"text": prose * 2, "id": 1}), "", json.dumps({"text": "é \u00e9 \ud83d\ude42", "meta": {"a": [1, 2]}})]
+    _write("data_jsonl", "docs.jsonl", "\n".join(lines).encode())
+    import pandas as pd
+
+    for compression in ("snappy", "none"):
+        buf = io.BytesIO()
+        pd.DataFrame({"text": [prose, prose * 2, "third"], "n": [1, 2, 3]}).to_parquet(buf, compression=compression)
+        _write("data_parquet", f"docs_{compression}.parquet", buf.getvalue())
+    arrow = next(v for k, v in small_dataset_files().items() if k.endswith(".arrow"))
+    _write("data_datasets", "data-00000-of-00001.arrow", arrow)
+
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    data_seeds() if sys.argv[1:] == ["data"] else main()

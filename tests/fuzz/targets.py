@@ -9,12 +9,14 @@ disk through ``open_source`` to reading every tensor and building the anatomy, a
 Used by ``fuzz.py`` (atheris, coverage-guided), by tests/test_fuzz.py (the committed seed corpus,
 the regression inputs, and a bounded atheris run per target in CI) and by scripts/fuzz.sh.
 
-PROBES DATA READERS: the probes' data readers (src/layerscope/probes/data.py, being written on
-another branch) read untrusted token files / text and belong here too: add one ``target_*``
-function per reader below (write the bytes where the reader expects a data file, call the
-reader, ``check`` the contract), register it in TARGETS, and commit seeds under
-tests/fuzz/corpus/<name>/. Nothing else needs to change: test_fuzz.py and scripts/fuzz.sh run
-every registered target.
+The probes' data readers (src/layerscope/probes/data.py: a text file, ``.jsonl``, ``.parquet``, a
+``datasets`` save_to_disk folder) have one target each (``data_*``): the bytes go where ``--data``
+points, ``read_texts`` reads them as the CLI does, the documents may not hold more characters than
+the file has bytes (text and JSON Lines; Parquet and Arrow are compressed, so for them the bound is
+the fuzzer's ``-rss_limit_mb``), and they are packed into token windows (``make_batches``, byte
+tokenizer) so the whole path to the tensors the probes run on is covered. Adding a target: one
+``target_*`` function, one TARGETS entry, seeds under tests/fuzz/corpus/<name>/ (make_corpus.py);
+test_fuzz.py and scripts/fuzz.sh run every registered target.
 """
 
 from __future__ import annotations
@@ -153,13 +155,76 @@ def target_torch_pickle(data: bytes) -> None:
         check(lambda: _read_everything(path, len(data)))
 
 
+def _read_data(path: Path, size_bound: int | None) -> None:
+    """What every probe does with ``--data PATH`` before the model runs: read the texts, pack windows."""
+    from layerscope.probes.data import byte_tokenizer, make_batches, read_texts
+
+    docs, description = read_texts(path)
+    if size_bound is not None and sum(len(d) for d in docs) > size_bound:
+        raise ContractViolation(f"{sum(len(d) for d in docs)} characters of documents from {size_bound} bytes")
+    make_batches(docs, byte_tokenizer(), kind="causal", seq_len=8, batches=1, batch_size=2, vocab_size=256,
+                 description=description)
+
+
+def target_data_text(data: bytes) -> None:
+    """``--data notes.txt``: a UTF-8 text file (any suffix but .jsonl/.parquet)."""
+    with _workdir() as d:
+        path = d / "data.txt"
+        path.write_bytes(data)
+        check(lambda: _read_data(path, len(data)))
+
+
+def target_data_jsonl(data: bytes) -> None:
+    """``--data docs.jsonl``: one JSON object per line, the text in field ``text``."""
+    with _workdir() as d:
+        path = d / "data.jsonl"
+        path.write_bytes(data)
+        check(lambda: _read_data(path, len(data)))
+
+
+def target_data_parquet(data: bytes) -> None:
+    """``--data docs.parquet``: a Parquet file with a string column ``text`` (read by pandas/pyarrow)."""
+    with _workdir() as d:
+        path = d / "data.parquet"
+        path.write_bytes(data)
+        check(lambda: _read_data(path, None))
+
+
+def small_dataset_files() -> dict[str, bytes]:
+    """A tiny valid ``datasets`` save_to_disk folder: {file name: bytes} (its Arrow file is what is fuzzed)."""
+    import datasets
+
+    with _workdir() as d:
+        datasets.Dataset.from_dict({"text": ["layerscope reads text.", "A second document, a little longer."],
+                                    "id": [0, 1]}).save_to_disk(str(d / "ds"))
+        return {p.name: p.read_bytes() for p in (d / "ds").iterdir() if p.is_file()}
+
+
+_DATASET: dict[str, bytes] | None = None
+
+
+def target_data_datasets(data: bytes) -> None:
+    """``--data FOLDER`` written by ``datasets``' save_to_disk: the Arrow data file is the fuzzed bytes
+    (state.json and dataset_info.json are the valid ones beside it)."""
+    global _DATASET
+    if _DATASET is None:
+        _DATASET = small_dataset_files()
+    with _workdir() as d:
+        for name, content in _DATASET.items():
+            (d / name).write_bytes(data if name.endswith(".arrow") else content)
+        check(lambda: _read_data(d, None))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": target_safetensors,
     "shard_index": target_shard_index,
     "config_json": target_config_json,
     "trainer_state": target_trainer_state,
     "torch_pickle": target_torch_pickle,
-    # "probes_data": target_probes_data,  <- add the probes' data readers here (see the docstring)
+    "data_text": target_data_text,
+    "data_jsonl": target_data_jsonl,
+    "data_parquet": target_data_parquet,
+    "data_datasets": target_data_datasets,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

@@ -179,7 +179,11 @@ class CompareResult:
     saved twice under two names (tied ``lm_head``) is one row, the other name in its ``tied`` column.
     ``tokens``: per model, token-embedding drift after Procrustes alignment (decoded).
     ``task_vectors``: with a base, one row per tensor — task-vector norms, cosines, sign conflicts.
-    ``mismatch``: what did not match, in words (the matching tensors are still compared)."""
+    ``mismatch``: what did not match, in words (the matching tensors are still compared).
+    ``cka``: with data, one row per (model, layer) — debiased linear CKA between the reference's and the
+    model's hidden states on the same tokens (``state`` 0: the embeddings' output; ``layer``: the block
+    whose output it is, as in ``table``, whose ``cka`` column repeats it on each of the block's
+    matrices); ``data`` names the text. ``cka_data``: per model, the batches it was computed on."""
 
     reference: str
     models: list[str]
@@ -187,6 +191,8 @@ class CompareResult:
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_vectors: pd.DataFrame | None = None
     mismatch: dict[str, list[str]] = field(default_factory=dict)
+    cka: pd.DataFrame | None = None
+    cka_data: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
         """The drift table as .csv/.parquet/.json; a .json file also holds tokens, task vectors, mismatch."""
@@ -201,6 +207,8 @@ class CompareResult:
             "drift": json.loads(self.table.to_json(orient="records")),
             "tokens": self.tokens,
             "task_vectors": json.loads(self.task_vectors.to_json(orient="records")) if self.task_vectors is not None else None,
+            "cka": json.loads(self.cka.to_json(orient="records")) if self.cka is not None else None,
+            "cka_data": self.cka_data,
         }
         path.write_text(json.dumps(payload, indent=1))
         return path
@@ -208,10 +216,18 @@ class CompareResult:
 
 def compare(*models: Any, base: Any = None, config: Config | None = None, top_k: int = 50,
             procrustes: bool = True, spectral: bool = True, keep: float = 0.2,
-            progress: Progress | None = None, **overrides: Any) -> CompareResult:
+            progress: Progress | None = None, data: Any = None, text_field: str | None = None,
+            seq_len: int | None = None, batches: int = 4, batch_size: int = 8, model_dtype: str | None = None,
+            stored_cka: bool = False, **overrides: Any) -> CompareResult:
     """Compare checkpoints. ``compare(a, b)``: drift from ``a`` to ``b`` (and to any further model).
     ``compare(x, y, base=b)``: drift from ``b`` to each model, plus the task vectors ``model − b``
-    (their norms, cosines and sign conflicts, before and after TIES-style trimming to ``keep``)."""
+    (their norms, cosines and sign conflicts, before and after TIES-style trimming to ``keep``).
+
+    ``data`` (a path, a list of texts, or ``True`` for the default text): also run the reference and
+    each model on the same token batches (``text_field``, ``seq_len``, ``batches``, ``batch_size``,
+    ``config.seed``, ``config.device``, ``model_dtype`` as for ``activations``) and add the per-layer
+    debiased linear CKA between them (``cka``; probes/layer_cka.py). ``stored_cka``: without data,
+    show the CKA already in the store for each pair (what ``report`` does)."""
     config = (config or Config()).replace(**overrides)
     if not 0 < keep <= 1:
         raise LayerscopeError(f"keep (--trim) must lie in (0, 1], got {keep}")
@@ -222,6 +238,8 @@ def compare(*models: Any, base: Any = None, config: Config | None = None, top_k:
     for m, label in zip(opened, unique_labels([m.label for m in opened])):
         m.label = label
     ref, targets = opened[0], opened[1:]
+    if data is not None:  # CKA on data: refuse what cannot work before any drift is computed
+        _check_same_vocabulary(ref, targets)
     rows: list[dict[str, Any]] = []
     tokens: dict[str, dict[str, Any]] = {}
     mismatch: dict[str, list[str]] = {}
@@ -242,11 +260,71 @@ def compare(*models: Any, base: Any = None, config: Config | None = None, top_k:
             if tok is not None:
                 tokens[target.label] = tok
         task_table = _task_vectors(ref, targets, matched, keep) if base is not None else None
+        data_options = dict(text_field=text_field, seq_len=seq_len, batches=batches, batch_size=batch_size,
+                            seed=config.seed, device=config.device, dtype=model_dtype)
+        cka = _layer_cka(ref, targets, None if data is True else data, store, config, data_options, progress) \
+            if data is not None or stored_cka else {}
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
     if spectral:
         table = _with_spectral_deltas(table, ref, targets, matched, config)
-    return CompareResult(ref.label, [t.label for t in targets], table, tokens, task_table, mismatch)
+    cka_table = _cka_table(cka) if cka else None
+    if cka_table is not None:
+        table = _with_cka_column(table, cka)
+    return CompareResult(ref.label, [t.label for t in targets], table, tokens, task_table, mismatch, cka_table,
+                         {label: [r.data for r in results] for label, results in cka.items()})
+
+
+# -- CKA on data (probes/layer_cka.py) ------------------------------------------------------------
+def _layer_cka(ref: Model, targets: list[Model], data: Any, store: Store, config: Config, options: dict[str, Any],
+               progress: Progress | None) -> dict[str, list[Any]]:
+    """{target label: [LayerCKA]}: computed on ``data`` (one), or, with ``data`` None, those stored."""
+    from ..probes.layer_cka import layer_cka, stored_layer_cka
+
+    out: dict[str, list[Any]] = {}
+    for target in targets:
+        if data is None:
+            try:
+                found = stored_layer_cka(ref.source, target.source, store)
+            except LayerscopeError:  # an unreadable tensor has no weights hash: nothing stored to show
+                found = []
+        else:
+            found = [layer_cka(ref.source, target.source, data, store=store, cache=config.cache, progress=progress,
+                               **options)]
+        if found:
+            out[target.label] = found
+    return out
+
+
+def _check_same_vocabulary(ref: Model, targets: list[Model]) -> None:
+    """CKA pairs token i of A with token i of B: different vocabularies cannot read the same tokens.
+    (Same-size vocabularies that tokenise differently are found by layer_cka from the tokens.)"""
+    for t in targets:
+        va, vb = ref.anatomy.dims.vocab_size, t.anatomy.dims.vocab_size
+        if va and vb and va != vb:
+            raise LayerscopeError(f"CKA on data needs one tokenizer: {ref.label} has a {va}-token vocabulary and "
+                                  f"{t.label} a {vb}-token one")
+
+
+def _cka_table(cka: dict[str, list[Any]]) -> pd.DataFrame:
+    frames = [r.rows.assign(model=label, data=r.data.get("description", "")) for label, results in cka.items()
+              for r in results]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["model", "data", "state", "layer", "cka"]]
+
+
+def _with_cka_column(table: pd.DataFrame, cka: dict[str, list[Any]]) -> pd.DataFrame:
+    """``cka`` on each matrix row: the CKA of its block's output (one dataset only; NaN outside blocks)."""
+    table = table.copy()
+    table["cka"] = math.nan
+    for label, results in cka.items():
+        if len(results) != 1:  # several stored datasets: the per-layer table has them all
+            continue
+        by_layer = {int(r.layer): float(r.cka) for r in results[0].rows.itertuples() if not pd.isna(r.layer)}
+        rows = table["model"] == label
+        table.loc[rows, "cka"] = [by_layer.get(int(v), math.nan) if not pd.isna(v) else math.nan
+                                  for v in table.loc[rows, "layer"]]
+    return table
 
 
 def tied_pairs(a: Model, b: Model, pairs: list[tuple[str, str]], store: Store, use_cache: bool = True) -> dict[str, str]:

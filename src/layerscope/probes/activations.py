@@ -166,6 +166,31 @@ def find_blocks(model: RunnableModel) -> tuple[str | None, list[torch.nn.Module]
     return None, []
 
 
+class BlockOutputs:
+    """Forward hooks on the anatomy's blocks that keep each block's output for the current forward
+    pass: the residual stream before the final norm (``hidden_states[-1]`` of some models has the final
+    norm applied, so the hooks, not ``hidden_states``, define the layers' states)."""
+
+    def __init__(self, model: RunnableModel):
+        self.name, blocks = find_blocks(model)
+        self.n_blocks = len(blocks)
+        self.out: dict[int, torch.Tensor] = {}
+        self.handles = [b.register_forward_hook(
+            lambda mod, args, out, i=i: self.out.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+            for i, b in enumerate(blocks)]
+
+    def states(self, hidden_states: Any) -> list[torch.Tensor]:
+        """Layer 0: the embeddings' output (``hidden_states[0]``); layer l: the output of block l − 1."""
+        if not self.out:
+            return list(hidden_states)
+        return [hidden_states[0]] + [self.out[i] for i in range(len(self.out))]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 def find_mlp_down(model: RunnableModel) -> dict[int, torch.nn.Module]:
     """layer -> the down-projection module (its input is the layer's neuron activations)."""
     modules = dict(model.module.named_modules())
@@ -178,10 +203,10 @@ def find_mlp_down(model: RunnableModel) -> dict[int, torch.nn.Module]:
     return out
 
 
-def forward_kwargs(module: torch.nn.Module) -> dict[str, Any]:
-    """What every probing forward passes: attentions and hidden states, and no KV cache (nothing is
+def forward_kwargs(module: torch.nn.Module, attentions: bool = True) -> dict[str, Any]:
+    """What every probing forward passes: hidden states (and attentions), and no KV cache (nothing is
     generated; building the cache is a copy of every key and value)."""
-    kwargs: dict[str, Any] = {"output_attentions": True, "output_hidden_states": True}
+    kwargs: dict[str, Any] = {"output_attentions": attentions, "output_hidden_states": True}
     try:
         import inspect
 
@@ -208,7 +233,8 @@ class Collector:
 
     def __init__(self, model: RunnableModel, options: ActivationOptions, n_batches: int, batch_tokens: int):
         self.model, self.options = model, options
-        self.blocks_name, blocks = find_blocks(model)
+        self.blocks = BlockOutputs(model)
+        self.blocks_name = self.blocks.name
         self.lens, self.lens_note = find_lens(model, self.blocks_name)
         if encoder_of(model) is not None:
             self.lens, self.lens_note = None, ("logit lens: skipped: encoder-decoder model (its encoder is read; "
@@ -216,17 +242,13 @@ class Collector:
         self.heads_note: str | None = None
         self.neurons_note: str | None = None
         self.mlp = find_mlp_down(model)
-        self.block_out: dict[int, torch.Tensor] = {}
         self.neuron_in: dict[int, torch.Tensor] = {}
         self.handles = []
-        for i, b in enumerate(blocks):
-            self.handles.append(b.register_forward_hook(
-                lambda mod, args, out, i=i: self.block_out.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
         for layer, m in self.mlp.items():
             self.handles.append(m.register_forward_pre_hook(
                 lambda mod, args, layer=layer: self.neuron_in.__setitem__(layer, args[0])))
         self.heads = HeadAccumulator()
-        self.lens_acc = LensAccumulator(len(blocks) + 1) if self.lens is not None else None
+        self.lens_acc = LensAccumulator(self.blocks.n_blocks + 1) if self.lens is not None else None
         self.reps = RepresentationAccumulator()
         self.neurons = NeuronAccumulator(options.neuron_threshold, options.neuron_top_k)
         per_batch = math.ceil(options.cka_tokens / max(n_batches, 1))
@@ -238,12 +260,13 @@ class Collector:
         self.causal: bool | None = None
 
     def close(self) -> None:
+        self.blocks.close()
         for h in self.handles:
             h.remove()
         self.handles = []
 
     def forward(self, ids: torch.Tensor):
-        self.block_out.clear()
+        self.blocks.out.clear()
         self.neuron_in.clear()
         out = run_module(self.model, ids, self.forward_kwargs)
         if attentions_of(out) is None and self.heads_note is None:
@@ -266,8 +289,7 @@ class Collector:
                                                           self.options.sink_eps, self.ws)):
                 self.heads.add(layer, scores)
             self.heads.sequences += ids.shape[0]
-        hs = out.hidden_states
-        states = [hs[0]] + [self.block_out[i] for i in range(len(self.block_out))] if self.block_out else list(hs)
+        states = self.blocks.states(out.hidden_states)
         n_tok = ids.numel()
         if any(st.shape[:-1].numel() != n_tok for st in states):
             raise LayerscopeError(f"{self.model.label}: its hidden states are not one row per input token (the "

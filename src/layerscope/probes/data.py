@@ -134,22 +134,35 @@ def _pick_field(record: dict, text_field: str | None, where: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise LayerscopeError(f"--data {where}: field {key!r} is {type(value).__name__}, not text")
+    try:  # JSON may escape a lone UTF-16 surrogate ("\udc00"): a str no tokenizer can encode (found by fuzzing)
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LayerscopeError(f"--data {where}: field {key!r} is not valid Unicode text (a lone surrogate escape)") from None
     return value
 
 
 def _read_jsonl(path: Path, text_field: str | None) -> list[str]:
+    # bytes, decoded line by line: a line that is not UTF-8 is named (a text-mode file raised
+    # UnicodeDecodeError from the iteration, found by fuzzing)
     docs = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise LayerscopeError(f"--data {path}: line {i} is not JSON") from None
-            if not isinstance(record, dict):
-                raise LayerscopeError(f"--data {path}: line {i} is not a JSON object")
-            docs.append(_pick_field(record, text_field, f"{path} line {i}"))
+    try:
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise LayerscopeError(f"--data {path}: line {i} is not UTF-8 text") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+                    raise LayerscopeError(f"--data {path}: line {i} is not JSON") from None
+                if not isinstance(record, dict):
+                    raise LayerscopeError(f"--data {path}: line {i} is not a JSON object")
+                docs.append(_pick_field(record, text_field, f"{path} line {i}"))
+    except OSError as exc:
+        raise LayerscopeError(f"--data {path}: cannot read: {exc.strerror or exc}") from None
     return docs
 
 
@@ -171,10 +184,13 @@ def _text_column(path: Path, text_field: str | None, columns: list[str], column:
     if key not in columns:
         raise LayerscopeError(f"--data {path}: no column {key!r} (columns: {', '.join(columns[:8])}); "
                               "choose one with --text-field")
-    values = column(key)
+    try:
+        values = list(column(key))
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8 (found by fuzzing Parquet)
+        raise LayerscopeError(f"--data {path}: column {key!r} holds bytes that are not UTF-8 text") from None
     if not all(isinstance(v, str) for v in values):
         raise LayerscopeError(f"--data {path}: column {key!r} is not text")
-    return list(values)
+    return values
 
 
 def _read_datasets(path: Path, text_field: str | None) -> tuple[list[str], str]:
@@ -190,6 +206,12 @@ def _read_datasets(path: Path, text_field: str | None) -> tuple[list[str], str]:
     if isinstance(ds, datasets.DatasetDict):
         split = "test" if "test" in ds else "validation" if "validation" in ds else sorted(ds)[0]
         ds = ds[split]
+    try:
+        # the Arrow file is memory-mapped and read without checking its offsets: a corrupt one made the
+        # column read run past the mapping (SIGBUS, found by fuzzing); a full validation reads it first
+        ds.data.validate(full=True)
+    except Exception as exc:
+        raise LayerscopeError(f"--data {path}: the dataset's Arrow data is corrupt: {str(exc).splitlines()[0]}") from None
     docs = _text_column(path, text_field, list(ds.column_names), lambda key: ds[key])
     return docs, f"{path} (datasets{', split ' + split if split else ''}, column {text_field or 'text'})"
 

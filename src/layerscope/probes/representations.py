@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,9 +177,22 @@ def _unbiased_centered_grams(xs: list[torch.Tensor]) -> torch.Tensor:
     return g
 
 
+def _debiased_hsic(cross_sq: Any, rows_dot: Any, rows_x_sum: Any, rows_y_sum: Any, n: int) -> Any:
+    """The unbiased HSIC of linear kernels (times n(n − 3), which cancels in CKA), in feature space.
+
+    cross_sq = ‖X̃ᵀỸ‖²_F of the column-centred features; with r_i = ‖x̃_i‖² (the centred Gram's
+    diagonal), rows_dot = Σ r_i^x r_i^y and rows_*_sum = Σ r_i. These few numbers are all the estimator
+    needs, which is why it can be accumulated over batches (:class:`PairedCKA`)."""
+    return cross_sq - n / (n - 2.0) * rows_dot + rows_x_sum * rows_y_sum / ((n - 1) * (n - 2))
+
+
 def _debiased_dot(xty_sq: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Tensor, n: int) -> torch.Tensor:
-    sx, sy = rows_x.sum(), rows_y.sum()
-    return xty_sq - n / (n - 2.0) * (rows_x @ rows_y) + sx * sy / ((n - 1) * (n - 2))
+    return _debiased_hsic(xty_sq, rows_x @ rows_y, rows_x.sum(), rows_y.sum(), n)
+
+
+def _cka_of(hsic_xy: float, hsic_xx: float, hsic_yy: float) -> float:
+    denom = math.sqrt(hsic_xx * hsic_yy) if hsic_xx > 0 and hsic_yy > 0 else 0.0
+    return hsic_xy / denom if denom > 0 else math.nan
 
 
 def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None, method: str = "auto") -> np.ndarray:
@@ -226,6 +240,59 @@ def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None, met
                 out[i, j] = out[j, i]
                 continue
             hsic = selfx[i] if same and i == j else float(_debiased_dot(xty_sq(a, b), rx[i], ry[j], n))
-            denom = math.sqrt(selfx[i] * selfy[j]) if selfx[i] > 0 and selfy[j] > 0 else 0.0
-            out[i, j] = hsic / denom if denom > 0 else math.nan
+            out[i, j] = _cka_of(hsic, selfx[i], selfy[j])
     return out
+
+
+class PairedCKA:
+    """Debiased linear CKA between X and Y whose rows are paired (the same tokens through two models),
+    accumulated batch by batch, so it covers every token of the data with memory of one batch plus
+    three float64 d × d sums.
+
+    The feature-space estimator (:func:`_debiased_hsic`) needs, for each pair (P, Q) of X and Y, the
+    centred cross-product P̃ᵀQ̃ and the row norms r_i = ‖p̃_i‖² of the centred rows. Centring uses the
+    mean of all rows, known only at the end, so the sums are kept uncentred and centred afterwards:
+    P̃ᵀQ̃ = Σ p qᵀ − n μ_p μ_qᵀ, and with a_i = ‖p_i‖², b_i = ‖q_i‖², m = ‖μ‖²,
+    Σ r^p r^q = Σ ab − 2 (Σ a q)·μ_q − 2 (Σ b p)·μ_p + 4 μ_pᵀ(Σ p qᵀ)μ_q + m_q Σ a + m_p Σ b − 3 n m_p m_q.
+    Rows are shifted by the first batch's mean before summing (CKA does not change under a shift; the
+    sums then hold small centred numbers, so the subtractions above do not cancel catastrophically).
+    Everything is float64. Tested against :func:`cka_matrix` and a NumPy reference on the whole matrix."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        y = y.reshape(-1, y.shape[-1]).to(torch.float64)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"paired CKA: {x.shape[0]} rows of X vs {y.shape[0]} of Y")
+        if not self.n:
+            self.shift = (x.mean(0), y.mean(0))
+        x, y = x - self.shift[0], y - self.shift[1]
+        a, b = (x * x).sum(1), (y * y).sum(1)
+        parts = {"sx": x.sum(0), "sy": y.sum(0), "xx": x.T @ x, "yy": y.T @ y, "xy": x.T @ y,
+                 "a": a.sum(), "b": b.sum(), "aa": a @ a, "bb": b @ b, "ab": a @ b,
+                 "ax": a @ x, "ay": a @ y, "bx": b @ x, "by": b @ y}
+        for k, v in parts.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += x.shape[0]
+
+    def _hsic(self, p: str, q: str) -> float:
+        s, n = self.sums, self.n
+        mu_p, mu_q = s["s" + p] / n, s["s" + q] / n
+        m_p, m_q = float(mu_p @ mu_p), float(mu_q @ mu_q)
+        a, b = {"x": "a", "y": "b"}[p], {"x": "a", "y": "b"}[q]
+        cross = s[p + q] if p + q in s else s[q + p].T
+        centred = cross - n * torch.outer(mu_p, mu_q)
+        ab = s[a + b] if a + b in s else s[b + a]
+        rows_dot = (float(ab) - 2 * float(s[a + q] @ mu_q) - 2 * float(s[b + p] @ mu_p)
+                    + 4 * float(mu_p @ cross @ mu_q) + m_q * float(s[a]) + m_p * float(s[b]) - 3 * n * m_p * m_q)
+        return float(_debiased_hsic(float(centred.square().sum()), rows_dot, float(s[a]) - n * m_p,
+                                    float(s[b]) - n * m_q, n))
+
+    def value(self) -> float:
+        """CKA(X, Y) over every row added (NaN when a side is constant)."""
+        if self.n < 4:
+            raise ValueError("debiased CKA needs at least 4 samples")
+        return _cka_of(self._hsic("x", "y"), self._hsic("x", "x"), self._hsic("y", "y"))

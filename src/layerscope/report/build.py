@@ -423,6 +423,14 @@ def _comparison_section(models: list[ModelData], figures: Path, compare_result: 
                 "most drifted: " + ", ".join(f"{t['text']!r} ({t['cosine']:.2f})" for t in tok["most_drifted"][:12]),
                 "least drifted: " + ", ".join(f"{t['text']!r} ({t['cosine']:.2f})" for t in tok["least_drifted"][:12]),
             ]))
+        cka = compare_result.cka
+        if cka is not None and (cka["model"] == label).any():
+            part = cka[cka["model"] == label]
+            shown = pd.DataFrame({"data": part["data"], "output of": ["embeddings" if pd.isna(v) else f"block {int(v)}"
+                                                                      for v in part["layer"]], "cka": part["cka"]})
+            sec.blocks.append(TableBlock(shown, f"debiased linear CKA between {compare_result.reference} and {label}, "
+                                                "layer by layer, on the same tokens (from layerscope compare --data)",
+                                         max_rows=200))
     if compare_result.mismatch:
         sec.blocks.append(Items([f"{label}: {p}" for label, ps in compare_result.mismatch.items() for p in ps]))
     return sec
@@ -499,7 +507,7 @@ def report(paths: Sequence[Any], config: Config | None = None, *, out: str | Pat
     comparison, compare_error = None, None
     if len(models) > 1 and len({m.analysis.anatomy.family for m in models}) == 1:
         try:
-            comparison = compare(*[m.analysis.source for m in models], config=config, spectral=False)
+            comparison = compare(*[m.analysis.source for m in models], config=config, spectral=False, stored_cka=True)
         except LayerscopeError as exc:  # the report still renders, and says why drift is missing
             compare_error = str(exc)
     doc = build_document(models, figures, comparison, compare_error)
