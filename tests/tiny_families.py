@@ -30,7 +30,7 @@ SMALL: dict[str, Any] = {
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
     "num_heads": 4,
     "num_key_value_heads": 2, "n_head_kv": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
-    "head_dim": 16, "d_kv": 16, "attention_head_size": 16,
+    "head_dim": 16, "d_kv": 16, "attention_head_size": 16, "rotary_dim": 8,
     "intermediate_size": 128, "n_inner": 128, "d_ff": 128, "ffn_dim": 128, "encoder_ffn_dim": 128,
     "decoder_ffn_dim": 128, "hidden_dim": 128, "dim_ff": 128, "dim_head": 16, "ffn_hidden_size": 128, "dff": 128,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 32,
