@@ -62,6 +62,21 @@ def head_scale(metric: str, values: np.ndarray, head_dim: int | None = None) -> 
     return "viridis", 0.0, top if top > 0 else 1.0
 
 
+def _head_row_labels(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """One heatmap row per attention module: "L3", or "enc L3" / "dec L3" / "dec L3 cross" when the
+    table has stacks (an encoder-decoder's layer 3 has up to three attention modules). Returns the
+    label of each table row and the distinct labels in display order (by stack, then layer)."""
+    keys = [c for c in ("stack", "layer", "attention") if c in table.columns]
+    rank = {"stack": {"encoder": 0, "decoder": 1}, "attention": {"self": 0, "cross": 1}}
+    order = table.sort_values(keys, kind="stable", key=lambda c: c.map(rank[c.name]).fillna(0) if c.name in rank else c)
+    labels = {}
+    for idx, r in order.iterrows():
+        stack = str(r["stack"])[:3] + " " if "stack" in table.columns and isinstance(r["stack"], str) and r["stack"] else ""
+        cross = " cross" if "attention" in table.columns and r.get("attention") == "cross" else ""
+        labels[idx] = f"{stack}L{int(r['layer'])}{cross}"
+    return [labels[i] for i in table.index], list(dict.fromkeys(labels.values()))
+
+
 def head_heatmaps(table: pd.DataFrame, directory: str | Path, title: str = "",
                   metrics: Sequence[str] | None = None, head_dim: int | None = None) -> list[Path]:
     """One layer × head heatmap per head metric (``metrics``: all of HEAD_MAP_METRICS by default),
@@ -72,7 +87,8 @@ def head_heatmaps(table: pd.DataFrame, directory: str | Path, title: str = "",
         if metric not in table:
             continue
         label = HEAD_MAP_METRICS.get(metric, metric)
-        grid = table.pivot(index="layer", columns="head", values=metric).sort_index()
+        rows, shown = _head_row_labels(table)
+        grid = table.assign(_row=rows).pivot(index="_row", columns="head", values=metric).loc[shown]
         values = grid.to_numpy(dtype=float)
         cmap, vmin, vmax = head_scale(metric, values, head_dim)
         fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 2), max(3.0, 0.4 * grid.shape[0] + 1.5)))
@@ -80,7 +96,7 @@ def head_heatmaps(table: pd.DataFrame, directory: str | Path, title: str = "",
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_xticks(range(grid.shape[1]), [f"H{c}" for c in grid.columns], fontsize=8)
-        ax.set_yticks(range(grid.shape[0]), [f"L{i}" for i in grid.index])
+        ax.set_yticks(range(grid.shape[0]), list(grid.index))
         ax.set_title(f"{label}{' — ' + title if title else ''}")
         fig.colorbar(im, ax=ax, label=label)
         out.append(_save(fig, Path(directory) / f"heads_{metric}.png"))
