@@ -330,3 +330,24 @@ def test_sampled_fit_agrees_with_fitting_every_k_on_every_row():
     means = np.stack([xn[truth == c].mean(axis=0) for c in range(6)])  # the best centres for these labels
     best = ((xn - means[truth]) ** 2).sum()
     assert best * (1 - 1e-6) <= row["inertia"] <= best * 1.01  # every row's, to the sample's centroids
+
+
+@pytest.mark.parametrize("rows,cols", [(400, 120), (120, 400)])  # the d × d Gram, and the m × m one when wider
+def test_pca_basis_spans_the_top_singular_vectors(rows, cols):
+    from layerscope.weights.clusters import _pca_basis
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((rows, 12)) @ rng.standard_normal((12, cols)) * np.linspace(3, 1, 12)[:1]
+         + 0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+    mean, basis = _pca_basis(x, 10)
+    c = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    top = np.linalg.svd(c, full_matrices=False)[2][:10].T  # float64 reference
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(10), atol=1e-5)
+    assert np.linalg.svd(top.T @ basis, compute_uv=False).min() > 1 - 1e-5  # the same subspace
+    if cols <= rows:  # as many components as columns: no reduction
+        assert _pca_basis(x, cols) is None
+    else:  # more components asked than the centred rows span: the rows - 1 they do, orthonormal
+        basis = _pca_basis(x, cols)[1]
+        assert basis.shape == (cols, rows - 1) and np.isfinite(basis).all()
+        np.testing.assert_allclose(basis.T @ basis, np.eye(rows - 1), atol=1e-4)

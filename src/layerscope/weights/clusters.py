@@ -125,12 +125,21 @@ STOPPING_RULE = (f"Lloyd iterations on every row from the sample fit's centroids
 
 def _pca_basis(xs: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean, d × r basis) of the sample's top principal components, or None when the width is small."""
-    if xs.shape[1] <= components:
+    m, d = xs.shape
+    components = min(components, m - 1)  # the centred sample spans at most m - 1 directions
+    if d <= components:
         return None
     mean = xs.mean(axis=0)
     c = xs - mean
-    _, v = np.linalg.eigh((c.T @ c).astype(np.float64))
-    return mean, np.ascontiguousarray(v[:, ::-1][:, :components]).astype(np.float32)
+    if d <= m:  # eigenvectors of the smaller Gram matrix: d × d here, m × m for very wide matrices
+        _, v = np.linalg.eigh((c.T @ c).astype(np.float64))
+        basis = v[:, ::-1][:, :components]
+    else:
+        w, u = np.linalg.eigh((c @ c.T).astype(np.float64))
+        w, u = w[::-1][:components], u[:, ::-1][:, :components]
+        keep = w > w[0] * 1e-10  # directions the sample really spans
+        basis = np.linalg.qr(c.T.astype(np.float64) @ u[:, keep])[0]  # orthonormal despite the float32 Gram
+    return mean, np.ascontiguousarray(basis).astype(np.float32)
 
 
 def _nearest(xn: np.ndarray, row_sq: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float]:
