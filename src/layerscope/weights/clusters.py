@@ -177,11 +177,11 @@ def cluster_rows(x: torch.Tensor, ks: Sequence[int], seed: int = 0, silhouette_s
                  fit_sample: int = FIT_SAMPLE) -> dict[str, Any]:
     """k-means over ``ks`` on the normalised rows of ``x``; the chosen clustering with its members.
 
-    Up to ``fit_sample`` rows every k is fitted on every row. Above it, every k is fitted on a seeded
-    sample of ``fit_sample`` rows (the silhouette's rows are the sample's first ones; the estimator is
-    the one the vocabulary size calls for, ``_kmeans``), every row is assigned to that fit's nearest
-    centroid for the Calinski–Harabasz index and the inertia, and only the chosen k is fitted on
-    every row (``STOPPING_RULE``). Fitting all 12 k on a 32000 × 2048 vocabulary was most of
+    Up to ``fit_sample`` rows (at least 10 × the largest k) every k is fitted on every row. Above
+    it, every k is fitted on a seeded sample of that many rows (the silhouette's rows are its first
+    ones; the estimator is the one the vocabulary size calls for, ``_kmeans``), every row is
+    assigned to that fit's nearest centroid for the Calinski–Harabasz index and the inertia, and
+    only the chosen k is fitted on every row (``STOPPING_RULE``). Fitting all 12 k on a 32000 × 2048 vocabulary was most of
     ``layerscope run``; the k it chose on MiniLM and its clusters are those of the full fits (within
     k-means' own seed-to-seed spread: bench/bench_clusters.py).
     ``with_labels``: also return every non-zero row's cluster (``labels``; for comparisons, not stored)."""
@@ -217,6 +217,7 @@ def _cluster_rows(x, ks, seed, silhouette_sample, representatives, selection, pr
     perm = np.random.RandomState(seed).permutation(n)
     sil_rows = perm[:min(silhouette_sample, n)]
     sil_distances = cosine_distances(xn[sil_rows])
+    fit_sample = max(fit_sample, 10 * max(ks))  # at least 10 sample rows per cluster on average
     sampled = n > fit_sample
     xs = xn[perm[:fit_sample]] if sampled else xn
     basis = _pca_basis(xs, max(PCA_ABOVE, 8 * max(ks))) if sampled else None
