@@ -258,3 +258,96 @@ def test_unreadable_tokenizer_is_a_warning_and_a_note(tmp_path, caplog):
     # a readable tokenizer gives no note
     assert "notes" not in layerscope.embeddings(checkpoints.minilm_dir(), store=str(tmp_path / "m.sqlite"),
                                                 options=GeometryOptions(sample=20000)).matrices["embed.token"]
+
+
+# -- above FIT_SAMPLE rows: k chosen on a row sample, one full-vocabulary fit ---------------------
+def _planted(k: int, n_per: int, dim: int, noise: float, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.standard_normal((dim, k)))[0].T  # k orthonormal directions
+    truth = rng.permutation(np.repeat(np.arange(k), n_per))
+    x = centres[truth] + noise * rng.standard_normal((k * n_per, dim))
+    return torch.from_numpy(x).float(), truth
+
+
+def test_calinski_harabasz_equals_sklearn():
+    """The index from float64 cluster sums equals scikit-learn's loop over clusters."""
+    from sklearn.metrics import calinski_harabasz_score
+
+    from layerscope.weights.clusters import calinski_harabasz
+
+    x, truth = _planted(5, 80, 12, 0.3)
+    x64 = x.double().numpy()
+    rng = np.random.default_rng(1)
+    for labels in (truth, rng.integers(0, 7, len(x64)), np.where(truth == 0, 9, truth)):  # 9: gaps in label ids
+        assert calinski_harabasz(x64, labels) == pytest.approx(calinski_harabasz_score(x64, labels), rel=1e-10)
+
+
+@pytest.mark.parametrize("dim", [16, 600])  # 600 > PCA_ABOVE: the sample fits run on 512 principal components
+def test_sampled_fit_finds_planted_groups_and_noise_has_none(dim):
+    """With more rows than the fit sample, k chosen on the sample and the one full fit recover planted
+    groups exactly; a Gaussian matrix of the same shape through the same procedure shows no structure
+    by the stated rule (best silhouette below SILHOUETTE_MIN)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from layerscope.weights.clusters import REFINE_MAX_ITER, SILHOUETTE_MIN, cluster_rows, verdict
+
+    x, truth = _planted(7, 300, dim, 0.6 / dim ** 0.5)
+    ks = [2, 3, 5, 7, 10, 14]
+    r = cluster_rows(x, ks, seed=0, fit_sample=600, silhouette_sample=400, with_labels=True)
+    assert r["fit"]["sampled"] and r["fit"]["sample_rows"] == 600 and r["fit"]["rows"] == 2100
+    assert r["fit"]["pca_components"] == (512 if dim > 512 else None)
+    assert 1 <= r["fit"]["refine_iterations"] <= REFINE_MAX_ITER
+    assert r["chosen_k"] == 7 and adjusted_rand_score(truth, r["labels"]) == 1.0
+    assert sorted(c["size"] for c in r["clusters"]) == [300] * 7
+    assert verdict(r)["structure"]
+    noise = torch.from_numpy(np.random.default_rng(2).standard_normal(tuple(x.shape))).float()
+    v = verdict(cluster_rows(noise, ks, seed=0, fit_sample=600, silhouette_sample=400))
+    assert not v["structure"] and v["best_silhouette"] < SILHOUETTE_MIN  # 0.10 at 16 dimensions, 0.005 at 600
+
+
+def test_sampled_fit_agrees_with_fitting_every_k_on_every_row():
+    """Above MINIBATCH_ABOVE rows (MiniBatchKMeans): the sampled procedure's choice and labels equal those
+    of the previous procedure, every k fitted on every row (computed here), on planted groups; and its
+    CH and inertia columns are the sample fit's nearest-centroid labels scored on every row."""
+    from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, silhouette_score
+    from threadpoolctl import threadpool_limits
+
+    from layerscope.weights.clusters import MINIBATCH_ABOVE, _kmeans, cluster_rows
+
+    x, truth = _planted(6, 3600, 16, 0.15)
+    assert len(x) > MINIBATCH_ABOVE
+    ks = [3, 6, 9]
+    new = cluster_rows(x, ks, seed=0, with_labels=True)
+    xn = torch.nn.functional.normalize(x.double(), dim=1).float().numpy()
+    sil_rows = np.random.RandomState(0).permutation(len(xn))[:5000]
+    with threadpool_limits(1):  # as cluster_rows (the default threads only make it slower on a busy CPU)
+        old = {k: _kmeans(k, len(xn), 0).fit(xn).labels_ for k in ks}
+    old_sil = {k: silhouette_score(xn[sil_rows], old[k][sil_rows], metric="cosine") for k in ks}
+    assert new["chosen_k"] == max(old_sil, key=old_sil.get) == 6
+    assert adjusted_rand_score(old[6], new["labels"]) == 1.0 == adjusted_rand_score(truth, new["labels"])
+    row = {s["k"]: s for s in new["scores"]}[6]  # at the planted k the sample fit already labels every row right
+    assert row["calinski_harabasz"] == pytest.approx(calinski_harabasz_score(xn, truth), rel=1e-5)
+    means = np.stack([xn[truth == c].mean(axis=0) for c in range(6)])  # the best centres for these labels
+    best = ((xn - means[truth]) ** 2).sum()
+    assert best * (1 - 1e-6) <= row["inertia"] <= best * 1.01  # every row's, to the sample's centroids
+
+
+@pytest.mark.parametrize("rows,cols", [(400, 120), (120, 400)])  # the d × d Gram, and the m × m one when wider
+def test_pca_basis_spans_the_top_singular_vectors(rows, cols):
+    from layerscope.weights.clusters import _pca_basis
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((rows, 12)) @ rng.standard_normal((12, cols)) * np.linspace(3, 1, 12)[:1]
+         + 0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+    mean, basis = _pca_basis(x, 10)
+    c = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    top = np.linalg.svd(c, full_matrices=False)[2][:10].T  # float64 reference
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(10), atol=1e-5)
+    assert np.linalg.svd(top.T @ basis, compute_uv=False).min() > 1 - 1e-5  # the same subspace
+    if cols <= rows:  # as many components as columns: no reduction
+        assert _pca_basis(x, cols) is None
+    else:  # more components asked than the centred rows span: the rows - 1 they do, orthonormal
+        basis = _pca_basis(x, cols)[1]
+        assert basis.shape == (cols, rows - 1) and np.isfinite(basis).all()
+        np.testing.assert_allclose(basis.T @ basis, np.eye(rows - 1), atol=1e-4)

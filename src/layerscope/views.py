@@ -378,6 +378,11 @@ def print_clusters(result, console: Console | None = None) -> None:
         console.print(f"[bold]{role}[/bold] {escape(r['name'])}: k = {r['chosen_k']} by {r['selection']} "
                       f"(CH {chosen['calinski_harabasz']:.4g}, silhouette {chosen['silhouette']:.3f}; "
                       f"tried {', '.join(map(str, r['k_candidates']))})")
+        fit = r.get("fit") or {}
+        if fit.get("sampled"):
+            pcs = f" (on its top {fit['pca_components']} principal components)" if fit.get("pca_components") else ""
+            console.print(f"k chosen from fits on a seeded {fit['sample_rows']:,}-row sample{pcs}; the chosen k "
+                          f"fitted on all {fit['rows']:,} rows in {fit['refine_iterations']} Lloyd iterations")
         console.print(escape(cluster_verdict_text(r)))
         for note in r.get("notes", []):
             console.print(escape(f"note: {note}"))

@@ -4,11 +4,14 @@ k is chosen by the silhouette (cosine, on a seeded sample of rows) unless ``sele
 Calinski–Harabasz index (on all rows) or the inertia elbow; all three are reported beside the choice
 so a reader can judge it. The silhouette is the default because Calinski–Harabasz favours small k on
 embedding matrices (MiniLM: k = 2, the ``[unused…]`` tokens against the rest). Large
-vocabularies use MiniBatchKMeans. Everything is seeded, so a run is reproducible. The silhouette
-sample's cosine distances are computed once for every k (at d_model 2048 they cost more than a
-MiniBatchKMeans fit); choosing k from fits on a 12000-row sample was tried and dropped (on MiniLM
-it chose k = 13 instead of 25 and was no faster). Each matrix is
-clustered on its own: position embeddings are never mixed into token clusters.
+vocabularies use MiniBatchKMeans. Everything is seeded, so a run is reproducible.
+
+Above FIT_SAMPLE rows every k is fitted on a seeded row sample and only the chosen k on every row:
+fitting 12 k on all 32000 × 2048 rows was most of ``layerscope run``. The sample fits use the
+estimator the full vocabulary would (MiniBatchKMeans above 20000 rows): an earlier try that fitted
+the sample with Lloyd's KMeans chose k = 13 on MiniLM where the full fits choose 25; with the same
+estimator the choice stays 25. The silhouette sample's cosine distances are computed once for every
+k. Each matrix is clustered on its own: position embeddings are never mixed into token clusters.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..store import Store
 from .untrained import Untrained, untrained_rows
 
 MINIBATCH_ABOVE = 20_000  # rows; above this, MiniBatchKMeans
-CLUSTERS_VERSION = "1"  # unchanged results: the silhouette distances are only computed once
+CLUSTERS_VERSION = "2"  # 2: above FIT_SAMPLE rows, k chosen on a row sample, one full fit
 
 
 def k_grid(k_range: tuple[int, int], points: int = 12) -> list[int]:
@@ -104,43 +107,152 @@ def _kmeans(k: int, n_rows: int, seed: int):
 
 
 SELECTIONS = ("calinski_harabasz", "silhouette", "elbow")
+#: Above this many rows, each k is fitted on a seeded sample of this many rows (the silhouette's rows
+#: are its first ``silhouette_sample``), and only the chosen k is fitted on every row.
+FIT_SAMPLE = 5000
+#: Above this width the sample fits run on the sample's top principal components, max(this, 8 × the
+#: largest k) of them: the top ⌈k/ε⌉ components preserve every k-clustering's cost within 1 ± ε
+#: (Cohen et al. 2015, "Dimensionality reduction for k-means"), so ε ≤ 1/8 here.
+PCA_ABOVE = 512
+#: The full-vocabulary fit: Lloyd iterations from the sample's centroids, stopped by scikit-learn's
+#: rule (labels unchanged, or the centres' squared shift below REFINE_TOL × the mean feature variance)
+#: or after REFINE_MAX_ITER iterations.
+REFINE_MAX_ITER = 20
+REFINE_TOL = 1e-4
+STOPPING_RULE = (f"Lloyd iterations on every row from the sample fit's centroids until no label changes or the "
+                 f"centres' squared shift is below {REFINE_TOL:g} × the mean feature variance, at most {REFINE_MAX_ITER}")
+
+
+def _pca_basis(xs: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, d × r basis) of the sample's top principal components, or None when the width is small."""
+    m, d = xs.shape
+    components = min(components, m - 1)  # the centred sample spans at most m - 1 directions
+    if d <= components:
+        return None
+    mean = xs.mean(axis=0)
+    c = xs - mean
+    if d <= m:  # eigenvectors of the smaller Gram matrix: d × d here, m × m for very wide matrices
+        _, v = np.linalg.eigh((c.T @ c).astype(np.float64))
+        basis = v[:, ::-1][:, :components]
+    else:
+        w, u = np.linalg.eigh((c @ c.T).astype(np.float64))
+        w, u = w[::-1][:components], u[:, ::-1][:, :components]
+        keep = w > w[0] * 1e-10  # directions the sample really spans
+        basis = np.linalg.qr(c.T.astype(np.float64) @ u[:, keep])[0]  # orthonormal despite the float32 Gram
+    return mean, np.ascontiguousarray(basis).astype(np.float32)
+
+
+def _nearest(xn: np.ndarray, row_sq: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float]:
+    """Each row's nearest centre (squared Euclidean; ``row_sq``: the rows' squared norms) and the
+    summed squared distance (the inertia)."""
+    d2 = (centres * centres).sum(axis=1)[None, :] - 2.0 * (xn @ centres.T)
+    labels = np.argmin(d2, axis=1)
+    return labels, float(np.maximum(row_sq + d2[np.arange(len(xn)), labels], 0.0).sum())
+
+
+def calinski_harabasz(xn64: np.ndarray, labels: np.ndarray, sum_sq: float | None = None) -> float:
+    """scikit-learn's Calinski–Harabasz index from float64 cluster sums (a sparse one-hot product):
+    between / within dispersion, each over its degrees of freedom. sklearn's own loop copies every
+    cluster's rows; on a 32000 × 2048 vocabulary it took longer than the 12 sample fits together."""
+    from scipy.sparse import csr_matrix
+
+    n = len(xn64)
+    present, labels = np.unique(labels, return_inverse=True)
+    k = len(present)
+    if k < 2 or k >= n:
+        raise LayerscopeError(f"clusters: the Calinski–Harabasz index needs 2 <= labels < rows, got {k}")
+    onehot = csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(onehot @ xn64)
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    between_means = float(((sums * sums).sum(axis=1) / counts).sum())  # sum over clusters of n_c |mean_c|^2
+    total = xn64.sum(axis=0)
+    within = (float(np.einsum("ij,ij->", xn64, xn64)) if sum_sq is None else sum_sq) - between_means
+    between = between_means - float(total @ total) / n
+    return 1.0 if within == 0.0 else float(between * (n - k) / (within * (k - 1.0)))
 
 
 def cluster_rows(x: torch.Tensor, ks: Sequence[int], seed: int = 0, silhouette_sample: int = 5000,
                  representatives: int = 8, selection: str = "silhouette",
-                 progress: Callable[[int, int], None] | None = None, with_labels: bool = False) -> dict[str, Any]:
+                 progress: Callable[[int, int], None] | None = None, with_labels: bool = False,
+                 fit_sample: int = FIT_SAMPLE) -> dict[str, Any]:
     """k-means over ``ks`` on the normalised rows of ``x``; the chosen clustering with its members.
 
+    Up to ``fit_sample`` rows (at least 10 × the largest k) every k is fitted on every row. Above
+    it, every k is fitted on a seeded sample of that many rows (the silhouette's rows are its first
+    ones; the estimator is the one the vocabulary size calls for, ``_kmeans``), every row is
+    assigned to that fit's nearest centroid for the Calinski–Harabasz index and the inertia, and
+    only the chosen k is fitted on every row (``STOPPING_RULE``). Fitting all 12 k on a 32000 × 2048 vocabulary was most of
+    ``layerscope run``; the k it chose on MiniLM and its clusters are those of the full fits (within
+    k-means' own seed-to-seed spread: bench/bench_clusters.py).
     ``with_labels``: also return every non-zero row's cluster (``labels``; for comparisons, not stored)."""
-    from sklearn.metrics import calinski_harabasz_score, silhouette_score
+    from threadpoolctl import threadpool_limits
+
+    # One thread: k-means is many short OpenMP regions, and with more threads than free cores
+    # libgomp's spin-waiting made each fit 5-10× slower (MiniBatchKMeans, k = 25 on 5000 × 2048:
+    # 46.6 s with 2 threads, 10.0 s with 1, on 2 cores at load average 8).
+    with threadpool_limits(1):
+        return _cluster_rows(x, ks, seed, silhouette_sample, representatives, selection, progress, with_labels,
+                             fit_sample)
+
+
+def _cluster_rows(x, ks, seed, silhouette_sample, representatives, selection, progress, with_labels, fit_sample):
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
     from sklearn.metrics.pairwise import cosine_distances
 
     x64 = x.to(torch.float64)
     norms = torch.linalg.vector_norm(x64, dim=1)
     valid = torch.nonzero(norms > 0).squeeze(1).numpy()
-    xn = (x64[valid] / norms[valid, None]).to(torch.float32).numpy()
+    xn64 = (x64[valid] / norms[valid, None]).numpy()
+    del x64
+    xn = xn64.astype(np.float32)
     n = len(xn)
+    row_sq = np.einsum("ij,ij->i", xn, xn)
+    sum_sq = float(np.einsum("ij,ij->", xn64, xn64))
     ks = [k for k in ks if k < n]
     if not ks:
         raise LayerscopeError(f"clusters: {n} rows are too few for the requested k")
     # The silhouette's rows are the same for every k (sklearn draws them from ``seed``): their
-    # cosine distances are computed once, not once per k. Same rows, same values as before.
-    sil_rows = np.random.RandomState(seed).permutation(n)[:min(silhouette_sample, n)]
+    # cosine distances are computed once, not once per k. The fit sample starts with the same rows.
+    perm = np.random.RandomState(seed).permutation(n)
+    sil_rows = perm[:min(silhouette_sample, n)]
     sil_distances = cosine_distances(xn[sil_rows])
-    scores, models = [], {}
+    fit_sample = max(fit_sample, 10 * max(ks))  # at least 10 sample rows per cluster on average
+    sampled = n > fit_sample
+    xs = xn[perm[:fit_sample]] if sampled else xn
+    basis = _pca_basis(xs, max(PCA_ABOVE, 8 * max(ks))) if sampled else None
+    xs_fit = xs if basis is None else (xs - basis[0]) @ basis[1]
+    steps = len(ks) + sampled
+    scores, models, centres_by_k = [], {}, {}
     for i, k in enumerate(ks):
-        model = _kmeans(k, n, seed).fit(xn)
-        labels = model.labels_
+        model = _kmeans(k, n, seed).fit(xs_fit)
+        if sampled:  # every row to the sample fit's nearest centroid (in the full space)
+            centres = model.cluster_centers_ if basis is None else basis[0] + model.cluster_centers_ @ basis[1].T
+            centres = centres.astype(np.float32)
+            labels, inertia = _nearest(xn, row_sq, centres)
+            centres_by_k[k] = centres
+        else:
+            labels, inertia = model.labels_, float(model.inertia_)
+            models[k] = model
         sil = silhouette_score(sil_distances, labels[sil_rows], metric="precomputed")
-        scores.append({"k": k, "calinski_harabasz": float(calinski_harabasz_score(xn, labels)),
-                       "silhouette": float(sil), "inertia": float(model.inertia_)})
-        models[k] = model
+        scores.append({"k": k, "calinski_harabasz": calinski_harabasz(xn64, labels, sum_sq),
+                       "silhouette": float(sil), "inertia": inertia})
         if progress:
-            progress(i + 1, len(ks))
+            progress(i + 1, steps)
     table = pd.DataFrame(scores)
     elbow_k = elbow(table["k"].tolist(), table["inertia"].tolist())
     chosen = elbow_k if selection == "elbow" else int(table.loc[table[selection].idxmax(), "k"])
-    model = models[chosen]
+    fit: dict[str, Any] = {"rows": int(n), "sample_rows": int(len(xs)), "sampled": bool(sampled)}
+    if sampled:  # the one full-vocabulary fit
+        model = KMeans(n_clusters=chosen, init=centres_by_k[chosen], n_init=1, max_iter=REFINE_MAX_ITER,
+                       tol=REFINE_TOL).fit(xn)
+        fit.update(pca_components=None if basis is None else int(basis[1].shape[1]),
+                   refine_iterations=int(model.n_iter_), refine_inertia=float(model.inertia_),
+                   stopping_rule=STOPPING_RULE)
+        if progress:
+            progress(steps, steps)
+    else:
+        model = models[chosen]
     labels = model.labels_
     centres = model.cluster_centers_ / np.linalg.norm(model.cluster_centers_, axis=1, keepdims=True).clip(1e-300)
     clusters = []
@@ -153,7 +265,7 @@ def cluster_rows(x: torch.Tensor, ks: Sequence[int], seed: int = 0, silhouette_s
         clusters.append({"cluster": c, "size": int(members.size), "representatives": [int(valid[i]) for i in best]})
     clusters.sort(key=lambda item: -item["size"])
     out = {"rows": int(x.shape[0]), "zero_rows": int(x.shape[0] - n), "k_candidates": ks, "scores": scores,
-           "chosen_k": chosen, "elbow_k": elbow_k, "selection": selection, "clusters": clusters}
+           "chosen_k": chosen, "elbow_k": elbow_k, "selection": selection, "fit": fit, "clusters": clusters}
     if with_labels:
         out["labels"] = labels
     return out
