@@ -170,10 +170,13 @@ def _gram(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _gram_cpu64(w: torch.Tensor) -> torch.Tensor:
-    """Float64 WᵀW on the CPU through NumPy, whose ``b.T @ b`` is a BLAS ``syrk``.
+    """Float64 WᵀW on the CPU through NumPy, whose ``b.T @ b`` (or ``b @ b.T``) is a BLAS ``syrk``.
 
     syrk does half the flops of the general product torch would run, which makes the float64
-    Gram cost about what a float32 ``gemm`` costs.
+    Gram cost about what a float32 ``gemm`` costs. A transposed view (the Gram of a wide matrix,
+    e.g. an MLP down-projection) is accumulated from blocks of the original matrix's columns,
+    ``b @ b.T``: converting row blocks of the view instead gathered every element with a stride
+    of a whole row (issue 16: 0.74 s against 0.51 s for the same-sized tall matrix).
     """
     wn = w.numpy()
     m, n = wn.shape
@@ -181,6 +184,12 @@ def _gram_cpu64(w: torch.Tensor) -> torch.Tensor:
     if wn.dtype == np.float64 and wn.flags.c_contiguous and rows >= m:
         return torch.from_numpy(wn.T @ wn)
     g = np.zeros((n, n), dtype=np.float64)
+    if wn.flags.f_contiguous and not wn.flags.c_contiguous:  # wn = Aᵀ with A (n × m) C-contiguous
+        a = wn.T
+        for start in range(0, m, rows):
+            block = np.ascontiguousarray(a[:, start:start + rows], dtype=np.float64)
+            g += block @ block.T
+        return torch.from_numpy(g)
     for start in range(0, m, rows):
         block = np.ascontiguousarray(wn[start:start + rows], dtype=np.float64)
         g += block.T @ block
