@@ -9,6 +9,25 @@ eigenvalues lose the smallest singular value — gets σ_min recomputed from a Q
 may be rank deficient, so the numerical rank stays exact).
 ``float32`` mode is the plain fast route, accurate for the large singular values only.
 
+Why float64 throughout, although the float32 "floor" (float32 Gram + float32 ``eigvalsh``) is
+1.3–1.6× faster (issue 16; ``bench/bench_precision.py`` measures all of this on bench_analyze's
+checkpoint, u = 2⁻²⁴):
+
+- The float32 eigensolver (MKL ``ssyevd``) is the larger error: 236 u·λ_max at n = 2048 (the
+  float32 Gram alone: 0.5–7 u·λ_max). On that checkpoint's random-init matrices it moves mp_ks by
+  up to 2.3e-4 and alpha by up to 1.6e-4 relative — the floor itself breaks the 1e-4 promise, so
+  no certificate could accept a float32 eigensolver for those metrics.
+- A float32 Gram with a float64 eigensolver is accurate in practice (every metric but the σ_min
+  ones within 2e-5) but not *certifiably*: mp_ks of a random-like spectrum is ~1/M ≈ 2e-3, and
+  even the exact ‖E‖₂ (3.5 u·λ_max on a 5504×2048 MLP matrix), applied as a uniform shift of every
+  eigenvalue, moves it by 2.7e-5 — over half of the 5e-5 budget before the worst case over
+  independent shifts, and before the safety factor an *estimated* ‖E‖₂ needs (the estimate below
+  costs more float64 passes over W than the float32 Gram saves). The MP metrics register no
+  certificate, so with the default metrics the mixed route below never certifies.
+- What is left over the floor is the float64 ``eigvalsh`` (~1.4× the float32 one), the float64
+  Gram (a ``syrk``: about the float32 ``gemm`` the floor runs, 1.1–2× depending on the load), and
+  the content hash, moments and metrics that the floor does not compute at all.
+
 Mixed precision (float64 mode, for tall float32 matrices, when ``MIXED_ENABLED`` — off by default,
 see there why — see ``_mixed_on``): the Gram
 matrix, the largest cost beside the eigensolver, is formed in float32 (half the time of the
