@@ -24,9 +24,10 @@ checkpoint, u = 2⁻²⁴):
   independent shifts, and before the safety factor an *estimated* ‖E‖₂ needs (the estimate below
   costs more float64 passes over W than the float32 Gram saves). The MP metrics register no
   certificate, so with the default metrics the mixed route below never certifies.
-- What is left over the floor is the float64 ``eigvalsh`` (~1.4× the float32 one), the float64
-  Gram (a ``syrk``: about the float32 ``gemm`` the floor runs, 1.1–2× depending on the load), and
-  the content hash, moments and metrics that the floor does not compute at all.
+- What is left over the floor is the float64 ``eigvalsh`` (1.4–1.8× the float32 one), the
+  float64 Gram (a ``syrk``: 1.0–1.3× the float32 ``gemm`` the floor runs on a quiet machine,
+  up to 2.5× summed over a loaded run), and the content hash, moments and metrics that the floor
+  does not compute at all (~4.4 s of a ~16 s single-threaded floor).
 
 Mixed precision (float64 mode, for tall float32 matrices, when ``MIXED_ENABLED`` — off by default,
 see there why — see ``_mixed_on``): the Gram
