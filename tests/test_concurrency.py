@@ -46,3 +46,38 @@ def test_two_processes_on_one_store(tmp_path):
     assert {r[:3] for r in _rows(store, "results")} == {r[:3] for r in _rows(alone, "results")}
     again = layerscope.analyze(path, store=str(store))
     assert again.computed == 0
+
+
+def test_pool_workers_run_at_their_share_of_the_cores(tmp_path, monkeypatch):
+    """Every pool worker runs at its share of the cores (cores // workers) from its first tensor on,
+    and the caller's count is restored afterwards (issue 16). torch's intra-op count is per thread:
+    the pool's initializer ``set_worker_threads`` (the monitor's worker uses it too) sets it; torch
+    2.13 also gives a thread created after ``set_num_threads`` that count on first use, so this
+    checks the outcome, whichever of the two provides it."""
+    import threading
+
+    import pytest
+
+    import layerscope.pipeline as pipeline
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: every share is the default count")
+    seen = []
+    real = pipeline.moments
+
+    def spy(tensor):  # the first thing a worker computes on a tensor, before any spectrum
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return real(tensor)
+
+    monkeypatch.setattr(pipeline, "moments", spy)
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.mlp.weight": torch.randn(64, 48, generator=g) for i in range(6)}
+    path = checkpoints.save_safetensors(tensors, tmp_path / "w.safetensors")
+    before = torch.get_num_threads()
+    layerscope.analyze(path, store=str(tmp_path / "s.sqlite"), workers=2)
+    share = max(1, cores // 2)
+    assert len(seen) == 6 and len({ident for ident, _ in seen} - {threading.get_ident()}) >= 1
+    # all but the last tensor in flight (which may get the idle worker's cores) run at the share
+    assert sorted(count for _, count in seen)[:5] == [share] * 5, seen
+    assert torch.get_num_threads() == before

@@ -205,3 +205,26 @@ def _check_mixed(seed, decades, shape):
             assert a == b, metric.name
         else:
             assert _close(a, b, 1e-4), (metric.name, a, b)
+
+
+# -- the float64 Gram of a wide matrix (issue 16: read along the original rows) --------------------
+@pytest.mark.parametrize("shape", [(37, 300), (130, 129), (64, 9000), (300, 37), (9000, 64)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float64_gram_of_tall_and_wide_layouts(seed, shape):
+    """The Gram of the smaller side equals the float64 product whatever the layout: a transposed
+    view (wide matrix) takes the column-block branch, spanning more than one block when m is large."""
+    import layerscope.weights.spectrum as spectrum
+
+    a = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    w = a if a.shape[0] >= a.shape[1] else a.T  # as _singular_values_on passes it
+    assert w.is_contiguous() == (shape[0] >= shape[1])
+    before = spectrum.BLOCK_BYTES
+    spectrum.BLOCK_BYTES = 64 * 8 * 1000  # 64000 / n rows per block: several blocks for the 9000-long shapes
+    try:
+        g = spectrum._gram(w, torch.float64).numpy()
+    finally:
+        spectrum.BLOCK_BYTES = before
+    w64 = w.numpy().astype(np.float64)
+    reference = w64.T @ w64
+    assert np.array_equal(g, g.T)
+    assert np.max(np.abs(g - reference)) <= 1e-13 * np.max(np.abs(reference))

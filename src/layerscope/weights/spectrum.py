@@ -9,6 +9,26 @@ eigenvalues lose the smallest singular value — gets σ_min recomputed from a Q
 may be rank deficient, so the numerical rank stays exact).
 ``float32`` mode is the plain fast route, accurate for the large singular values only.
 
+Why float64 throughout, although the float32 "floor" (float32 Gram + float32 ``eigvalsh``) is
+1.3–1.6× faster (issue 16; ``bench/bench_precision.py`` measures all of this on bench_analyze's
+checkpoint, u = 2⁻²⁴):
+
+- The float32 eigensolver (MKL ``ssyevd``) is the larger error: 236 u·λ_max at n = 2048 (the
+  float32 Gram alone: 0.5–7 u·λ_max). On that checkpoint's random-init matrices it moves mp_ks by
+  up to 2.3e-4 and alpha by up to 1.6e-4 relative — the floor itself breaks the 1e-4 promise, so
+  no certificate could accept a float32 eigensolver for those metrics.
+- A float32 Gram with a float64 eigensolver is accurate in practice (every metric but the σ_min
+  ones within 2e-5) but not *certifiably*: mp_ks of a random-like spectrum is ~1/M ≈ 2e-3, and
+  even the exact ‖E‖₂ (3.5 u·λ_max on a 5504×2048 MLP matrix), applied as a uniform shift of every
+  eigenvalue, moves it by 2.7e-5 — over half of the 5e-5 budget before the worst case over
+  independent shifts, and before the safety factor an *estimated* ‖E‖₂ needs (the estimate below
+  costs more float64 passes over W than the float32 Gram saves). The MP metrics register no
+  certificate, so with the default metrics the mixed route below never certifies.
+- What is left over the floor is the float64 ``eigvalsh`` (1.4–1.8× the float32 one), the
+  float64 Gram (a ``syrk``: 1.0–1.3× the float32 ``gemm`` the floor runs on a quiet machine,
+  up to 2.5× summed over a loaded run), and the content hash, moments and metrics that the floor
+  does not compute at all (~4.4 s of a ~16 s single-threaded floor).
+
 Mixed precision (float64 mode, for tall float32 matrices, when ``MIXED_ENABLED`` — off by default,
 see there why — see ``_mixed_on``): the Gram
 matrix, the largest cost beside the eigensolver, is formed in float32 (half the time of the
@@ -170,10 +190,13 @@ def _gram(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _gram_cpu64(w: torch.Tensor) -> torch.Tensor:
-    """Float64 WᵀW on the CPU through NumPy, whose ``b.T @ b`` is a BLAS ``syrk``.
+    """Float64 WᵀW on the CPU through NumPy, whose ``b.T @ b`` (or ``b @ b.T``) is a BLAS ``syrk``.
 
     syrk does half the flops of the general product torch would run, which makes the float64
-    Gram cost about what a float32 ``gemm`` costs.
+    Gram cost about what a float32 ``gemm`` costs. A transposed view (the Gram of a wide matrix,
+    e.g. an MLP down-projection) is accumulated from blocks of the original matrix's columns,
+    ``b @ b.T``: converting row blocks of the view instead gathered every element with a stride
+    of a whole row (issue 16: 0.74 s against 0.51 s for the same-sized tall matrix).
     """
     wn = w.numpy()
     m, n = wn.shape
@@ -181,6 +204,12 @@ def _gram_cpu64(w: torch.Tensor) -> torch.Tensor:
     if wn.dtype == np.float64 and wn.flags.c_contiguous and rows >= m:
         return torch.from_numpy(wn.T @ wn)
     g = np.zeros((n, n), dtype=np.float64)
+    if wn.flags.f_contiguous and not wn.flags.c_contiguous:  # wn = Aᵀ with A (n × m) C-contiguous
+        a = wn.T
+        for start in range(0, m, rows):
+            block = np.ascontiguousarray(a[:, start:start + rows], dtype=np.float64)
+            g += block @ block.T
+        return torch.from_numpy(g)
     for start in range(0, m, rows):
         block = np.ascontiguousarray(wn[start:start + rows], dtype=np.float64)
         g += block.T @ block

@@ -16,7 +16,10 @@ import torch
 
 from .registry import register
 
-CHUNK = 1 << 21  # elements per float64 chunk (16 MiB)
+#: Elements per float64 chunk (512 KiB): small enough to stay in a core's L2 cache across the
+#: five passes over it (sum, dot, aminmax, 1-norm, zero count). 16 MiB chunks streamed each pass
+#: from memory: 0.49 s against 0.21 s on a 32000 × 2048 float32 matrix (issue 16, one thread).
+CHUNK = 1 << 16
 
 
 @dataclass
