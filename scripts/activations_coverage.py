@@ -16,6 +16,7 @@ Usage: PYTHONPATH=src python scripts/activations_coverage.py [--only gpt2,t5] [-
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -47,11 +48,12 @@ def check(model_type: str) -> dict:
         try:
             path, model = tiny_families.build_tiny(model_type, Path(tmp) / "m")
             ids = torch.randint(0, min(64, model.config.get_text_config().vocab_size), (2, 16))
+            extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
             with torch.no_grad():
                 if getattr(model.config, "is_encoder_decoder", False):
-                    model(input_ids=ids, decoder_input_ids=ids)
+                    model(input_ids=ids, decoder_input_ids=ids, **extra)
                 else:
-                    model(input_ids=ids)
+                    model(input_ids=ids, **extra)
         except Exception as exc:
             return {"type": model_type, "outcome": "excluded", "detail": f"{type(exc).__name__}: {str(exc)[:120]}"}
         try:

@@ -446,9 +446,12 @@ def _total_memory() -> float:
 
 
 def _lower_thread_priority() -> None:
-    """Nice this thread (Linux threads have their own nice value; threads it starts inherit it)."""
+    """Nice this thread 10 below the training thread (Linux threads have their own nice value; threads
+    it starts inherit it). Relative, never absolute: in a process already niced past 10, an absolute
+    10 would raise the analysis above training (root may lower a nice value)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + 10, 19))
     except (AttributeError, OSError, PermissionError):
         pass
 

@@ -176,7 +176,7 @@ class BlockOutputs:
         self.n_blocks = len(blocks)
         self.out: dict[int, torch.Tensor] = {}
         self.handles = [b.register_forward_hook(
-            lambda mod, args, out, i=i: self.out.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+            lambda mod, args, out, i=i: self.out.__setitem__(i, out[0] if isinstance(out, (tuple, list)) else out))
             for i, b in enumerate(blocks)]
 
     def states(self, hidden_states: Any) -> list[torch.Tensor]:
@@ -280,7 +280,8 @@ class Collector:
         attentions = attentions_of(out)
         # hybrids (attention and SSM / linear-attention layers) give None for the latter; layers whose
         # keys are not the input positions (memory or prompt tokens) cannot be scored against the text
-        layers = [i for i, a in enumerate(attentions or ()) if a is not None and a.shape[-1] == ids.shape[-1]]
+        seq = ids.shape[-1]
+        layers = [i for i, a in enumerate(attentions or ()) if a is not None and a.shape[-2:] == (seq, seq)]
         if layers:
             if self.causal is None:
                 self.causal = bool((attentions[layers[0]][:, :, 0, 1:] == 0).all())
@@ -313,11 +314,14 @@ class Collector:
     def _check_lens(self, last: torch.Tensor, logits: torch.Tensor) -> None:
         """The lens at the last layer must give the model's own logits; otherwise it is not reported."""
         self.lens_checked = True
-        with torch.no_grad():
-            mine = self.lens(last[:1]).float()
         ref = logits[:1].float()
+        try:
+            with torch.no_grad():
+                mine = self.lens(last[:1]).float()
+        except RuntimeError:  # a norm or head that does not fit the residual stream (e.g. RemBERT's)
+            mine = None
         tol = 1e-3 * max(1.0, float(ref.abs().max()))
-        if mine.shape != ref.shape or float((mine - ref).abs().max()) > tol:
+        if mine is None or mine.shape != ref.shape or float((mine - ref).abs().max()) > tol:
             self.lens_note = ("logit lens: skipped: the final norm and LM head found for this architecture do not "
                               "reproduce its logits at the last layer")
             self.lens_acc = None
@@ -331,7 +335,11 @@ def run_module(model: RunnableModel, ids: torch.Tensor, kwargs: dict[str, Any] |
     caches of hybrid models (linear attention, SSM layers) fail when asked for their length."""
     module = encoder_of(model) or model.module
     with torch.no_grad():
-        return module(input_ids=ids.to(model.device), **(kwargs or forward_kwargs(module)))
+        try:
+            return module(input_ids=ids.to(model.device), **(kwargs or forward_kwargs(module)))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own code, not ours
+            raise LayerscopeError(f"{model.label}: its forward pass failed with eager attention and "
+                                  f"output_attentions ({type(exc).__name__}: {str(exc)[:160]})") from exc
 
 
 def encoder_of(model: RunnableModel) -> torch.nn.Module | None:
@@ -346,9 +354,10 @@ def attentions_of(out: Any) -> tuple[torch.Tensor, ...] | None:
     """The per-layer attention probabilities, or None when the model has none to give (SSMs, FNet) or
     its attention implementation cannot return them."""
     att = getattr(out, "attentions", None)
-    if not att or any(a is None for a in att):
+    if not att:
         return None
-    return tuple(att)
+    att = tuple(a if isinstance(a, torch.Tensor) and a.dim() == 4 else None for a in att)  # Pegasus-X: dicts
+    return None if all(a is None for a in att) else att
 
 
 def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int, bos: int | None,
@@ -360,7 +369,7 @@ def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int,
     ids = repeated_random_tokens(vocab, half, options.induction_seqs, options.seed, bos, exclude, pool).to(model.device)
     out = run_module(model, ids)
     scores = {layer: induction_stripe(a, half, offset).mean(0).cpu().numpy()
-              for layer, a in enumerate(attentions_of(out) or ()) if a is not None and a.shape[-1] == ids.shape[-1]}
+              for layer, a in enumerate(attentions_of(out) or ()) if a is not None and a.shape[-2:] == ids.shape[-1:] * 2}
     icl = icl_loss_drop(out.logits, ids, half, offset) if model.kind == "causal" and hasattr(out, "logits") else {}
     return scores, icl, {"half": half, "sequences": int(ids.shape[0]), "bos": bos}
 
@@ -464,7 +473,9 @@ def _compute(model: RunnableModel, data: ProbeData, options: ActivationOptions, 
                               token_decoder(model)) if col.neurons.active else []
     neuron_layers = pd.DataFrame(col.neurons.layer_rows())
     if not col.mlp:
-        notes.append("neurons: no MLP down-projection found in the anatomy (attention-only model?)")
+        moe = any(e.role.startswith("moe.") for e in model.anatomy.entries.values())
+        notes.append("neurons: mixture-of-experts MLPs are not read (an expert sees only the tokens routed to it)"
+                     if moe else "neurons: no MLP down-projection found in the anatomy (attention-only model?)")
     _flag_heads(heads, options)
     summary["sink_rate"] = float((heads["first_token_share"] > options.sink_eps).mean()) if len(heads) else math.nan
     return ActivationsResult(model, data, heads, lens, reps, cka, neuron_layers, examples, col.neurons.dead(),
