@@ -315,3 +315,34 @@ def test_planted_dead_neuron_is_found_and_top_tokens_decode_to_the_text(tmp_path
         for e in ex["examples"]:
             assert (e["context"] + e["token"]) in fed
             assert e["activation"] > 0
+
+
+# -- architectures beyond one causal stack (scripts/activations_coverage.py runs all of them) -----------
+TEXTS = ["The cat sat on the mat and looked at the dog. " * 20, "Attention is what the model does on text. " * 20]
+
+
+@pytest.mark.parametrize("family", ["t5", "mamba", "jamba"])
+def test_encoder_decoders_ssms_and_hybrids_give_what_they_have_with_a_note(family, tmp_path):
+    """T5: the encoder is read (its 2 × 4 self-attention heads, joined with the encoder's weight heads
+    only), no lens. Mamba: no attention at all: behaviour skipped, representations still computed.
+    Jamba (one attention layer of two): behaviour rows for the attention layer only."""
+    import tiny_families
+
+    path, model = tiny_families.build_tiny(family, tmp_path / family)
+    r = activations(path, TEXTS, batches=1, batch_size=2, seq_len=16)
+    assert len(r.representations) == model.config.num_hidden_layers + 1 if family != "t5" else len(r.representations) == 3
+    assert np.isfinite(r.representations["effective_rank"]).all()
+    if family == "t5":
+        assert len(r.heads) == 2 * 4 and r.lens is None and any("encoder-decoder" in n for n in r.notes)
+        assert r.heads["qk_entropy_rank"].notna().all()  # joined with the encoder's self-attention rows
+        with torch.no_grad():  # layer 1 = encoder block 0's output, as the encoder's own hidden states say
+            hs = model.get_encoder()(input_ids=r.data.input_ids[0], output_hidden_states=True).hidden_states
+        states = torch.cat([h.reshape(-1, h.shape[-1]) for h in hs[:2]])
+        assert r.representations.set_index("layer").loc[1, "norm_mean"] == pytest.approx(
+            float(hs[1].reshape(-1, hs[1].shape[-1]).double().norm(dim=-1).mean()), rel=1e-5), states.shape
+    elif family == "mamba":
+        assert len(r.heads) == 0 and any(n.startswith("attention behaviour: skipped") for n in r.notes)
+    else:
+        attn_layers = sorted({i for i, t in enumerate(model.config.layers_block_type) if t == "attention"})
+        assert sorted(r.heads["layer"].unique()) == attn_layers and len(r.heads) == 4 * len(attn_layers)
+        assert r.heads[["prev_token", "induction"]].notna().all().all()

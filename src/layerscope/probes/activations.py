@@ -269,25 +269,22 @@ class Collector:
         self.blocks.out.clear()
         self.neuron_in.clear()
         out = run_module(self.model, ids, self.forward_kwargs)
-        if attentions_of(out) is None and self.heads_note is None:
-            self.heads_note = ("attention behaviour: skipped: the model returns no attention probabilities "
-                               "(no softmax attention, or an implementation that cannot return them)")
         return out
 
     def run_batch(self, ids: torch.Tensor, labels: torch.Tensor, offset: int) -> None:
         out = self.forward(ids)
         dev_ids = ids.to(self.model.device)
-        attentions = attentions_of(out)
-        # hybrids (attention and SSM / linear-attention layers) give None for the latter; layers whose
-        # keys are not the input positions (memory or prompt tokens) cannot be scored against the text
-        seq = ids.shape[-1]
-        layers = [i for i, a in enumerate(attentions or ()) if a is not None and a.shape[-2:] == (seq, seq)]
-        if layers:
+        pairs = layer_attentions(self.model, out, ids.shape[-1])
+        if not pairs and self.heads_note is None:
+            self.heads_note = ("attention behaviour: skipped: the model returns no attention probabilities over "
+                               "its input positions (no softmax attention, or an implementation that cannot "
+                               "return them)")
+        if pairs:
             if self.causal is None:
-                self.causal = bool((attentions[layers[0]][:, :, 0, 1:] == 0).all())
+                self.causal = bool((pairs[0][1][:, :, 0, 1:] == 0).all())
             masks = score_masks(dev_ids)  # once per batch, shared by every layer
-            for layer, scores in zip(layers, layer_scores(tuple(attentions[i] for i in layers), masks,
-                                                          self.options.sink_eps, self.ws)):
+            for (layer, _), scores in zip(pairs, layer_scores(tuple(a for _, a in pairs), masks,
+                                                              self.options.sink_eps, self.ws)):
                 self.heads.add(layer, scores)
             self.heads.sequences += ids.shape[0]
         states = self.blocks.states(out.hidden_states)
@@ -360,6 +357,25 @@ def attentions_of(out: Any) -> tuple[torch.Tensor, ...] | None:
     return None if all(a is None for a in att) else att
 
 
+def layer_attentions(model: RunnableModel, out: Any, seq: int) -> list[tuple[int, torch.Tensor]]:
+    """[(layer, attention probabilities (B, H, seq, seq))] of the layers that can be scored against the
+    text. Hybrids (attention beside SSM or linear-attention layers) return either None for the other
+    layers or only their attention layers' tensors: then the i-th tensor belongs to the i-th layer
+    that the anatomy knows has self-attention. Layers whose queries or keys are not the input
+    positions (pooled, memory or prompt positions) are left out."""
+    att = attentions_of(out)
+    if att is None:
+        return []
+    layers = list(range(len(att)))
+    n_layers = model.anatomy.dims.n_layers or len(att)
+    if len(att) != n_layers:
+        stack = "encoder" if encoder_of(model) is not None else ""
+        layers = sorted({s.layer for s in model.anatomy.attention if not s.cross and s.stack in (stack, "")})
+        if len(layers) != len(att):
+            return []  # cannot tell which layer each tensor belongs to: better none than misplaced
+    return [(layer, a) for layer, a in zip(layers, att) if a is not None and tuple(a.shape[-2:]) == (seq, seq)]
+
+
 def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int, bos: int | None,
                    exclude: tuple[int, ...], pool: torch.Tensor | None = None) -> tuple[dict, dict, dict]:
     """{layer: per-head induction score} on random tokens repeated twice (layers with attention over
@@ -369,7 +385,7 @@ def induction_pass(model: RunnableModel, options: ActivationOptions, vocab: int,
     ids = repeated_random_tokens(vocab, half, options.induction_seqs, options.seed, bos, exclude, pool).to(model.device)
     out = run_module(model, ids)
     scores = {layer: induction_stripe(a, half, offset).mean(0).cpu().numpy()
-              for layer, a in enumerate(attentions_of(out) or ()) if a is not None and a.shape[-2:] == ids.shape[-1:] * 2}
+              for layer, a in layer_attentions(model, out, ids.shape[-1])}
     icl = icl_loss_drop(out.logits, ids, half, offset) if model.kind == "causal" and hasattr(out, "logits") else {}
     return scores, icl, {"half": half, "sequences": int(ids.shape[0]), "bos": bos}
 
