@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references for the spectral metrics (the direct, slow methods)."""
+"""Independent float64 NumPy references (the direct, slow methods) for the spectral metrics and CKA."""
 
 from __future__ import annotations
 
@@ -58,3 +58,21 @@ def reference_stats(t: np.ndarray) -> dict[str, float]:
         "mean": x.mean(), "std": x.std(), "min": x.min(), "max": x.max(), "abs_mean": np.abs(x).mean(),
         "zero_fraction": float(np.mean(x == 0)), "frobenius_norm": float(np.sqrt(np.sum(x * x))),
     }
+
+
+def kornblith_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al.'s ``cka(gram_linear(x), gram_linear(y), debiased=True)``, NumPy float64
+    (their published code, Gram-matrix form, ``center_gram(unbiased=True)``)."""
+    def center_gram(gram):
+        gram = gram.copy()
+        n = gram.shape[0]
+        np.fill_diagonal(gram, 0)
+        means = np.sum(gram, 0, dtype=np.float64) / (n - 2)
+        means -= np.sum(means) / (2 * (n - 1))
+        gram -= means[:, None]
+        gram -= means[None, :]
+        np.fill_diagonal(gram, 0)
+        return gram
+
+    gx, gy = center_gram(x @ x.T), center_gram(y @ y.T)
+    return float(gx.ravel().dot(gy.ravel()) / (np.linalg.norm(gx) * np.linalg.norm(gy)))

@@ -20,25 +20,11 @@ import checkpoints
 from layerscope.cli import main
 from layerscope.change.compare import compare
 from layerscope.probes.representations import PairedCKA, cka_matrix
+from reference import kornblith_cka
 
 SMALL = dict(batches=2, batch_size=4, seq_len=32)
 
 
-def _kornblith_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Kornblith et al.'s ``cka(gram_linear(x), gram_linear(y), debiased=True)``, NumPy float64."""
-    def center_gram(gram):
-        gram = gram.copy()
-        n = gram.shape[0]
-        np.fill_diagonal(gram, 0)
-        means = np.sum(gram, 0, dtype=np.float64) / (n - 2)
-        means -= np.sum(means) / (2 * (n - 1))
-        gram -= means[:, None]
-        gram -= means[None, :]
-        np.fill_diagonal(gram, 0)
-        return gram
-
-    gx, gy = center_gram(x @ x.T), center_gram(y @ y.T)
-    return float(gx.ravel().dot(gy.ravel()) / (np.linalg.norm(gx) * np.linalg.norm(gy)))
 
 
 def _text_file(tmp_path):
@@ -73,7 +59,7 @@ def test_paired_cka_over_batches_equals_the_whole_matrix_reference():
     acc = PairedCKA()
     for rows in (slice(0, 7), slice(7, 90), slice(90, 150)):
         acc.add(torch.tensor(x[rows]), torch.tensor(y[rows]))
-    want = _kornblith_cka(x, y)
+    want = kornblith_cka(x, y)
     assert acc.value() == pytest.approx(want, rel=1e-9)
     assert acc.value() == pytest.approx(cka_matrix([torch.tensor(x)], [torch.tensor(y)], method="gram")[0, 0], rel=1e-9)
     same = PairedCKA()
@@ -132,7 +118,7 @@ def test_cka_equals_a_float64_reference_on_the_hidden_states(trained_run, text, 
         y = sb.reshape(-1, sb.shape[-1]).double().numpy()
         assert x.shape[0] == 32
         got = float(r.cka.set_index("state").loc[state, "cka"])
-        assert got == pytest.approx(_kornblith_cka(x, y), rel=1e-9, abs=1e-12)
+        assert got == pytest.approx(kornblith_cka(x, y), rel=1e-9, abs=1e-12)
 
 
 def test_compare_cli_with_data_stores_and_reports(trained_run, text, tmp_path, capsys):

@@ -25,6 +25,7 @@ from layerscope.probes.activations import ActivationOptions, activation_data, ac
 from layerscope.probes.head_behaviour import detection_patterns
 from layerscope.probes.lens import find_lens
 from layerscope.probes.representations import cka_matrix
+from reference import kornblith_cka
 
 HEADS = 2  # examples/train_induction.py's model: 2 layers, 2 heads of 64 dims, attention only
 
@@ -223,21 +224,6 @@ def test_lens_skipped_with_a_note_on_an_encoder_and_works_with_gqa(tmp_path):
 
 
 # -- representations and CKA ---------------------------------------------------------------------------
-def _kornblith_cka(x, y):
-    """Kornblith et al.'s ``cka(gram_linear(x), gram_linear(y), debiased=True)``, NumPy float64."""
-    def center_gram(gram):
-        gram = gram.copy()
-        n = gram.shape[0]
-        np.fill_diagonal(gram, 0)
-        means = np.sum(gram, 0, dtype=np.float64) / (n - 2)
-        means -= np.sum(means) / (2 * (n - 1))
-        gram -= means[:, None]
-        gram -= means[None, :]
-        np.fill_diagonal(gram, 0)
-        return gram
-
-    gx, gy = center_gram(x @ x.T), center_gram(y @ y.T)
-    return gx.ravel().dot(gy.ravel()) / (np.linalg.norm(gx) * np.linalg.norm(gy))
 
 
 @pytest.mark.parametrize("method", ["gram", "features"])
@@ -246,7 +232,7 @@ def test_cka_against_reference_and_invariances(method):
     x = rng.standard_normal((60, 12))
     y = x @ rng.standard_normal((12, 20)) + 0.5 * rng.standard_normal((60, 20))
     got = cka_matrix([torch.tensor(x)], [torch.tensor(y)], method=method)[0, 0]
-    assert got == pytest.approx(_kornblith_cka(x, y), rel=1e-10)
+    assert got == pytest.approx(kornblith_cka(x, y), rel=1e-10)
     assert cka_matrix([torch.tensor(x)], method=method)[0, 0] == pytest.approx(1.0, abs=1e-12)
     q, _ = np.linalg.qr(rng.standard_normal((20, 20)))
     moved = cka_matrix([torch.tensor(x)], [torch.tensor(3.7 * y @ q)], method=method)[0, 0]
