@@ -28,7 +28,9 @@ def activations_section(m, figures: Path, suffix: str) -> Section:
     sec.blocks.append(Gallery([Figure(p, p.stem.replace("behaviour_", "").replace("_", " ") + " (layer × head, on text)")
                                for p in paths]))
     h = a.heads
-    named = lambda col: ", ".join(f"{int(r.layer)}.{int(r.head)}" for r in h[h[col]].itertuples()) or "none"  # noqa: E731
+    from ..weights.heads import head_label
+
+    named = lambda col: ", ".join(head_label(int(r.layer), int(r.head)) for r in h[h[col]].itertuples()) or "none"  # noqa: E731
     items = [f"previous-token heads: {named('is_prev_token_head')}", f"induction heads: {named('is_induction_head')}",
              f"duplicate-token heads: {named('is_duplicate_token_head')}",
              f"attention sinks: {named('is_sink')} (sink rate {s.get('sink_rate', float('nan')):.2f} of heads)"]
