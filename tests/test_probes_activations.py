@@ -67,6 +67,20 @@ def test_finds_previous_token_and_induction_heads_only_after_training(induction_
     assert {"qk_entropy_rank", "ov_copying_score"} <= set(h.columns) and h["qk_entropy_rank"].notna().all()
 
 
+def test_copying_in_context_without_the_induction_pattern_is_not_called_induction(tmp_path):
+    """The same recipe with seed 2 learns to copy in context through heads that do not attend to the
+    token after the earlier copy (README): a large in-context loss drop, yet no head is named an
+    induction head, because the name follows the attention pattern, not the loss."""
+    import train_induction
+
+    model = train_induction.attention_only_gpt2(seed=2, heads=HEADS)
+    assert train_induction.train(model, steps=1500, seed=2) < 0.5
+    model.save_pretrained(tmp_path / "seed2")
+    r = activations(tmp_path / "seed2", **SMALL)
+    assert r.summary["icl_loss_drop"] > 5.0
+    assert r.heads["induction"].max() < 0.1 and not r.heads["is_induction_head"].any()
+
+
 def test_cli_on_checkpoint_path(induction_models, tmp_path, capsys):
     out = tmp_path / "act.json"
     code = main(["activations", str(induction_models["trained"]), "--batches", "1", "--batch-size", "4", "--seq-len",
