@@ -346,3 +346,20 @@ def test_encoder_decoders_ssms_and_hybrids_give_what_they_have_with_a_note(famil
         attn_layers = sorted({i for i, t in enumerate(model.config.layers_block_type) if t == "attention"})
         assert sorted(r.heads["layer"].unique()) == attn_layers and len(r.heads) == 4 * len(attn_layers)
         assert r.heads[["prev_token", "induction"]].notna().all().all()
+
+
+def test_other_checkpoint_cka_is_compares_estimator(induction_models, trained_result, tmp_path):
+    """``activations(A, other=B)`` gives, per layer, the number ``compare A B --data`` gives (one
+    estimator, every token): 1 against itself, below 1 against the untrained initialisation."""
+    from layerscope import Config
+    from layerscope.probes.layer_cka import layer_cka
+    from layerscope.store import Store
+
+    config = Config(store=str(tmp_path / "s.sqlite"))
+    same = activations(induction_models["trained"], other=induction_models["trained"], config=config, **SMALL)
+    assert list(same.cka_other["layer"]) == [0, 1, 2] and np.allclose(same.cka_other["cka_with_other"], 1.0, atol=1e-9)
+    vs = activations(induction_models["trained"], other=induction_models["untrained"], config=config, **SMALL)
+    with Store(tmp_path / "fresh.sqlite") as store:
+        ref = layer_cka(induction_models["trained"], induction_models["untrained"], vs.data, store=store, cache=False)
+    assert np.allclose(vs.cka_other["cka_with_other"], ref.rows["cka"], rtol=1e-12)
+    assert (vs.cka_other["cka_with_other"].iloc[1:] < 0.99).all()

@@ -443,8 +443,8 @@ def activations(model: Any, data: Any = None, *, other: Any = None, text_field: 
             result = _compute(runnable, probe_data, options, neuron_scores, progress)
             store.put_artifact(key, "activations", params, _payload(result))
         if other is not None:
-            result.cka_other = _cka_with_other(runnable, probe_data, other, options, store, config, device, dtype,
-                                               revision, progress)
+            result.cka_other = _cka_with_other(runnable, probe_data, other, store, config, device, dtype, revision,
+                                               progress)
         if with_heads:
             _join_weight_heads(result, config)
     finally:
@@ -505,20 +505,18 @@ def _flag_heads(heads: pd.DataFrame, options: ActivationOptions) -> None:
     heads["is_sink"] = heads["first_token_share"] > options.sink_eps
 
 
-def _cka_with_other(model: RunnableModel, data: ProbeData, other: Any, options: ActivationOptions, store, config,
-                    device, dtype, revision, progress) -> pd.DataFrame:
-    """Per-layer CKA between ``model`` and ``other`` on the same sampled token positions."""
+def _cka_with_other(model: RunnableModel, data: ProbeData, other: Any, store, config, device, dtype, revision,
+                    progress) -> pd.DataFrame:
+    """Per-layer CKA between ``model`` and ``other`` over every token of the same batches: the estimator
+    of ``compare --data`` (:func:`~layerscope.probes.layer_cka.layer_cka`, stored there), so the two
+    commands give one number for one pair of checkpoints on one data."""
+    from .layer_cka import layer_cka
+
     b = load_model(other, device=device or config.device, dtype=dtype, revision=revision, store=store)
-    if (b.anatomy.dims.n_layers or 0) != (model.anatomy.dims.n_layers or 0) or b.vocab_size != model.vocab_size:
-        raise LayerscopeError(f"--other {b.label}: not the same architecture and vocabulary as {model.label}")
-    cols = [collect(m, data, options, (lambda n, d, t, w=w: progress(f"{w} batches", d, t)) if progress else None)
-            for w, m in (("A", model), ("B", b))]
-    sa, sb = cols[0].reps.samples(), cols[1].reps.samples()
-    rows = []
-    for layer in sorted(sa):
-        value = cka_matrix([sa[layer]], [sb[layer]])[0, 0]
-        rows.append({"layer": layer, "cka_with_other": float(value)})
-    return pd.DataFrame(rows).assign(other=b.label)
+    report = (lambda done, total, what: progress(what, done, total)) if progress else None
+    rows = layer_cka(model, b, data, store=store, cache=config.cache, progress=report).rows
+    return pd.DataFrame({"layer": rows["state"].astype(int), "cka_with_other": rows["cka"].astype(float)}).assign(
+        other=b.label)
 
 
 def _join_weight_heads(result: ActivationsResult, config: Config) -> None:
