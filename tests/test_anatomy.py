@@ -214,3 +214,10 @@ def test_parameter_count_minilm_and_nanogpt(tmp_path):
     assert any(k.endswith("lm_head.weight") for k in ckpt["model"])
     nano = GPT(GPTConfig(**ckpt["model_args"]))
     assert layerscope.inspect(path).parameter_count == sum(p.numel() for p in nano.parameters())
+    # nanoGPT without flash attention saves its float causal mask (1, 1, T, T) as attn.bias: a buffer
+    for i in range(ckpt["model_args"]["n_layer"]):
+        ckpt["model"][f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    torch.save(ckpt, tmp_path / "masked.pt")
+    masked = layerscope.inspect(tmp_path / "masked.pt")
+    assert masked.parameter_count == sum(p.numel() for p in nano.parameters())
+    assert masked.buffers() == {f"transformer.h.{i}.attn.bias": 64 * 64 for i in range(ckpt["model_args"]["n_layer"])}

@@ -115,7 +115,7 @@ class Anatomy:
         """Floating-point weights, as ``sum(p.numel() for p in model.parameters())`` counts them.
 
         Integer/bool tensors a checkpoint carries (BERT's int64 ``position_ids``, GPT-2's old causal-mask
-        buffers) are buffers, not parameters: they are listed apart (``buffers``). A tied LM head that the
+        buffers, float in nanoGPT) are buffers, not parameters: they are listed apart (``buffers``). A tied LM head that the
         file stores a second time (nanoGPT, GPT-2 ``.bin``) is one parameter tensor, counted once."""
         total = sum(_numel(e.shape) for e in self.entries.values() if _is_weight(e))
         return total - sum(_numel(e.shape) for e in self.tied_head_entries())
@@ -487,8 +487,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+#: GPT-2-style causal-mask buffers saved with the weights: ``attn.bias`` (1, 1, T, T) — float in
+#: nanoGPT checkpoints without flash attention — and ``attn.masked_bias`` (a scalar); never weights.
+_CAUSAL_MASK = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+
+
 def _is_weight(e: TensorEntry) -> bool:
-    """Floating point (float16/bfloat16/float32/float64/float8_*): a weight; int/bool: a buffer."""
+    """Floating point (float16/bfloat16/float32/float64/float8_*): a weight; int/bool, and a causal
+    mask saved as floats: a buffer."""
+    if _CAUSAL_MASK.search(e.name) and len(e.shape) in (0, 4):
+        return False
     return "float" in e.dtype.lower()
 
 
