@@ -6,10 +6,11 @@ and should not pay for pandas (nor matplotlib or scikit-learn, which nothing her
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -49,6 +50,17 @@ def write_table(table: "pd.DataFrame", path: str | os.PathLike) -> Path:
     else:
         table.to_json(tmp, orient="records", indent=1)
     os.replace(tmp, path)  # never leave a half-written table under the real name
+    return path
+
+
+def write_json(payload: Any, path: str | os.PathLike, *, indent: int = 1, default: Any = None) -> Path:
+    """``payload`` as JSON (NaN and inf kept as JavaScript literals), written beside ``path`` and renamed
+    into place, like ``write_table``: an interrupted write never leaves half a file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(payload, indent=indent, allow_nan=True, default=default))
+    os.replace(tmp, path)
     return path
 
 

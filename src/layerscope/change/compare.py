@@ -196,12 +196,11 @@ class CompareResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """The drift table as .csv/.parquet/.json; a .json file also holds tokens, task vectors, mismatch."""
-        from ..views import write_table
+        from ..views import write_json, write_table
 
         path = Path(path)
         if path.suffix.lower() != ".json":
             return write_table(self.table, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "reference": self.reference, "models": self.models, "mismatch": self.mismatch,
             "drift": json.loads(self.table.to_json(orient="records")),
@@ -210,8 +209,7 @@ class CompareResult:
             "cka": json.loads(self.cka.to_json(orient="records")) if self.cka is not None else None,
             "cka_data": self.cka_data,
         }
-        path.write_text(json.dumps(payload, indent=1))
-        return path
+        return write_json(payload, path)
 
 
 def compare(*models: Any, base: Any = None, config: Config | None = None, top_k: int = 50,

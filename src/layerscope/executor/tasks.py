@@ -23,7 +23,6 @@ reference's (drift), as on one machine.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pandas as pd
 import torch
 
 from ..anatomy import Anatomy, build_anatomy

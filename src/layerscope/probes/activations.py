@@ -15,6 +15,7 @@ metrics (same (layer, head) rows).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -91,11 +92,9 @@ class ActivationsResult:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise LayerscopeError(f"--out must be a .json file, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=str))
-        os.replace(tmp, path)
-        return path
+        from ..views import write_json
+
+        return write_json(self.to_dict(), path, default=str)
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -207,14 +206,20 @@ def forward_kwargs(module: torch.nn.Module, attentions: bool = True) -> dict[str
     """What every probing forward passes: hidden states (and attentions), and no KV cache (nothing is
     generated; building the cache is a copy of every key and value)."""
     kwargs: dict[str, Any] = {"output_attentions": attentions, "output_hidden_states": True}
-    try:
-        import inspect
-
-        if "use_cache" in inspect.signature(module.forward).parameters:
-            kwargs["use_cache"] = False
-    except (TypeError, ValueError):
-        pass
+    if _takes_use_cache(type(module)):
+        kwargs["use_cache"] = False
     return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` accepts ``use_cache`` (read once per class: the probes call it per batch)."""
+    import inspect
+
+    try:
+        return "use_cache" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _eager(module: torch.nn.Module) -> None:
@@ -254,7 +259,6 @@ class Collector:
         per_batch = math.ceil(options.cka_tokens / max(n_batches, 1))
         self.cka_per_batch = min(per_batch, batch_tokens)
         self.gen = torch.Generator().manual_seed(options.seed)
-        self.forward_kwargs = forward_kwargs(encoder_of(model) or model.module)
         self.ws = Workspace()
         self.lens_checked = False
         self.causal: bool | None = None
@@ -268,8 +272,7 @@ class Collector:
     def forward(self, ids: torch.Tensor):
         self.blocks.out.clear()
         self.neuron_in.clear()
-        out = run_module(self.model, ids, self.forward_kwargs)
-        return out
+        return run_module(self.model, ids)
 
     def run_batch(self, ids: torch.Tensor, labels: torch.Tensor, offset: int) -> None:
         out = self.forward(ids)
@@ -325,18 +328,19 @@ class Collector:
 
 
 
-def run_module(model: RunnableModel, ids: torch.Tensor, kwargs: dict[str, Any] | None = None) -> Any:
-    """One forward pass that returns attention probabilities and hidden states. Encoder-decoders run
+def run_module(model: RunnableModel, ids: torch.Tensor, attentions: bool = True) -> Any:
+    """One forward pass that returns hidden states (and attention probabilities). Encoder-decoders run
     their encoder only: the decoder needs target text, and its states are conditioned on the encoder's,
     so the encoder is what "the model on this text" means. No KV cache: nothing reads it, and the
     caches of hybrid models (linear attention, SSM layers) fail when asked for their length."""
     module = encoder_of(model) or model.module
     with torch.no_grad():
         try:
-            return module(input_ids=ids.to(model.device), **(kwargs or forward_kwargs(module)))
+            return module(input_ids=ids.to(model.device), **forward_kwargs(module, attentions))
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own code, not ours
-            raise LayerscopeError(f"{model.label}: its forward pass failed with eager attention and "
-                                  f"output_attentions ({type(exc).__name__}: {str(exc)[:160]})") from exc
+            asked = "with eager attention and output_attentions" if attentions else "with output_hidden_states"
+            raise LayerscopeError(f"{model.label}: its forward pass failed {asked} "
+                                  f"({type(exc).__name__}: {str(exc)[:160]})") from exc
 
 
 def encoder_of(model: RunnableModel) -> torch.nn.Module | None:

@@ -8,8 +8,6 @@ Kept apart from ``cli.py`` so the probe command only calls :func:`add_fisher_arg
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..cli_args import (checkpoint, device, float_between, int_at_least, output_file, output_folder,
@@ -160,7 +158,7 @@ def cmd_merge(args: argparse.Namespace, console: Any) -> int:
 
     from ..config import Config
     from ..store import Store
-    from ..views import ProgressDisplay
+    from ..views import ProgressDisplay, write_json
     from .merge import merge
 
     config = Config(store=args.store) if args.store else Config()
@@ -181,7 +179,6 @@ def cmd_merge(args: argparse.Namespace, console: Any) -> int:
     if result.written:
         console.print(f"wrote the {args.method} merge to {result.written}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        write_json(result.to_dict(), args.json, indent=2, default=str)
         console.print(f"wrote {args.json}")
     return 0

@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -110,12 +110,9 @@ class GradientHealth:
         return cls(frame(d["tensors"]), frame(d["groups"]), d["noise"], frame(d["neurons"]), d["rules"], d.get("data", ""))
 
     def save(self, path) -> Any:
-        from pathlib import Path
+        from ..views import write_json
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
-        return path
+        return write_json(self.to_dict(), path)
 
 
 # -- accumulation ----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -363,13 +363,11 @@ class LandscapeResult:
 
     def save(self, path: str | Path) -> Path:
         """``.json`` (summary and points) or a table file (.csv/.parquet) of the points."""
-        from ..views import write_table
+        from ..views import write_json, write_table
 
         path = Path(path)
         if path.suffix.lower() == ".json":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
-            return path
+            return write_json(self.to_dict(), path)
         return write_table(self.table.drop(columns=["batch_losses"]), path)
 
     def plot(self, directory: str | Path) -> list[Path]:

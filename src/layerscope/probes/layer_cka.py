@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import pandas as pd
-import torch
 
 from ..errors import LayerscopeError
 
@@ -94,7 +93,7 @@ def layer_cka(a: Any, b: Any, data: Any = None, *, store: Any, text_field: str |
 
 def _run(ma: Any, mb: Any, data: Any, progress: Progress | None) -> list[tuple[int, float]]:
     """Both models on every batch, the states of each layer paired into one PairedCKA."""
-    from .activations import BlockOutputs, encoder_of, forward_kwargs, run_module
+    from .activations import BlockOutputs, run_module
     from .representations import PairedCKA
 
     hooks = [BlockOutputs(ma), BlockOutputs(mb)]
@@ -110,7 +109,7 @@ def _run(ma: Any, mb: Any, data: Any, progress: Progress | None) -> list[tuple[i
             states = []
             for m, h in zip((ma, mb), hooks):
                 h.out.clear()
-                out = run_module(m, ids, forward_kwargs(encoder_of(m) or m.module, attentions=False))
+                out = run_module(m, ids, attentions=False)
                 states.append(h.states(out.hidden_states))
                 del out
             if len(states[0]) != len(states[1]):

@@ -87,11 +87,9 @@ class ProbeResult:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise LayerscopeError(f"--out must be a .json file, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True, default=_jsonable))
-        os.replace(tmp, path)
-        return path
+        from ..views import write_json
+
+        return write_json(self.to_dict(), path, default=_jsonable)
 
 
 def _loss_identity(loss_fn: Callable) -> str:

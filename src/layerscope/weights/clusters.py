@@ -278,10 +278,9 @@ class ClustersResult:
     anatomy: Anatomy
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"source": self.source.label, "matrices": self.matrices}, indent=1))
-        return path
+        from ..views import write_json
+
+        return write_json({"source": self.source.label, "matrices": self.matrices}, path)
 
 
 def clusters(source: Any, config: Config | None = None, *, k_range: tuple[int, int] = (2, 64),

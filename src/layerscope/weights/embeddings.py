@@ -254,10 +254,9 @@ class EmbeddingsResult:
         return {"source": self.source.label, "matrices": self.matrices}
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1))
-        return path
+        from ..views import write_json
+
+        return write_json(self.to_json(), path)
 
 
 def embedding_entries(anatomy: Anatomy, source: Source):
