@@ -451,7 +451,7 @@ def main(argv=None) -> int:
     print("  (others = cores kept busy by OTHER processes/VMs meanwhile, from /proc/stat; slowdown = a fixed\n"
           "   1-thread matmul probe around the measurement vs the fastest probe of the run; 1.00 = undisturbed)")
     fp = min(floor_parts, key=lambda d: sum(d.values()))
-    print(f"  floor parts of its fastest repetition (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()))
+    print("  floor parts of its fastest repetition (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()))
     comp, cach, secs, nrows, nfall = info["a"]
     print(f"  layerscope: {nrows} rows, computed {comp}, cached {cach} (identical 1-D norm tensors share a hash), "
           f"result.seconds {secs:.2f}; matrices with condition number > 1e4 (float64 refine/SVD route): {nfall}")
@@ -459,7 +459,7 @@ def main(argv=None) -> int:
     print(f"  cache re-run: computed {comp_d}, cached {cach_d}, result.seconds {secs_d:.3f}"
           f"  -> {'OK: recomputed nothing' if comp_d == 0 else 'PROBLEM: recomputed ' + str(comp_d)}")
 
-    print(f"\n  ratio (fastest repetition of each)         wall      cpu    target   verdict (wall)")
+    print("\n  ratio (fastest repetition of each)         wall      cpu    target   verdict (wall)")
 
     def ratio_line(label, num, den, target, le):
         a, b = best(times[num]), best(times[den])

@@ -117,7 +117,7 @@ def stage_costs(path: Path, matrices, repeat: int) -> None:
         torch.set_num_threads(before)
     floor = total["load"] + total["floor: gram32 (gemm)"] + total["floor: eigvalsh32"]
     ours = sum(total[k] for k in ("load", "hash", "moments", "singular_values (whole route)", "spectral metrics"))
-    print(f"\n  whole checkpoint (one thread, sum over matrices):")
+    print("\n  whole checkpoint (one thread, sum over matrices):")
     for key, value in total.items():
         print(f"    {key:34s} {value:8.2f} s")
     print(f"    floor = load + gram32 + eigvalsh32  {floor:8.2f} s")

@@ -470,6 +470,39 @@ def build_bert_prefixed(directory, seed: int = 0) -> Path:
 NANOGPT_MODEL_ARGS = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=True, vocab_size=256, dropout=0.0)
 
 
+def train_on_windows(model, ids: torch.Tensor, steps: int, seed: int, lr: float = 3e-3) -> list[float]:
+    """AdamW for ``steps`` steps on 8 random 64-token windows of the token stream ``ids``, on one
+    thread (the same result on every machine); the loss of each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 65, (8,), generator=gen)
+            x = torch.stack([ids[s:s + 64] for s in starts])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(n_threads)
+    return losses
+
+
+def nanogpt_reference(path: str | Path):
+    """nanoGPT's own model (examples/nanogpt_model.py) holding a saved checkpoint's weights, in eval
+    mode: the reference the probes' GPT-2 mapping of the same file is checked against."""
+    from nanogpt_model import GPT, GPTConfig
+
+    saved = torch.load(path, weights_only=True)
+    ref = GPT(GPTConfig(**saved["model_args"]))
+    ref.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
+    return ref.eval()
+
+
 def expected_nanogpt(model_args: dict | None = None) -> dict:
     a = dict(NANOGPT_MODEL_ARGS if model_args is None else model_args)
     return {

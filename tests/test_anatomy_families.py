@@ -250,7 +250,7 @@ def test_heads_xlnet_three_dimensional_projections(tmp_path):
     assert (roles["q"], roles["k"], roles["v"], roles["o"], roles["r"]) == ("attn.q", "attn.k", "attn.v", "attn.o", "attn.aux")
     table = layerscope.heads(path, store=str(tmp_path / "s.sqlite")).table
     attn = model.transformer.layer[1].rel_attn
-    nh, hd = attn.n_head, attn.d_head
+    nh = attn.n_head
     assert len(table) == 2 * nh
     q, k, v, o = (_np(getattr(attn, x)) for x in "qkvo")  # (d_model, n_heads, head_dim)
     _check(table, table["layer"] == 1, {h: (q[:, h].T, k[:, h].T, v[:, h].T, o[:, h]) for h in range(nh)})

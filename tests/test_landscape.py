@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 from layerscope.errors import LayerscopeError
 from layerscope.probes import from_module, from_pairs, load_data, load_model
 from layerscope.probes.landscape import Family, filter_normalise, landscape, random_directions

@@ -9,17 +9,7 @@ import torch
 
 import layerscope
 from layerscope.monitor.gradients import noise_scale
-
-
-class ListSink:
-    def __init__(self):
-        self.records = []
-
-    def write(self, record):
-        self.records.append(record)
-
-    def close(self):
-        pass
+from test_monitor import _Collect as ListSink  # the sink that keeps every record
 
 
 def test_monitor_gradient_norms_update_ratio_and_noise_scale_equal_direct():

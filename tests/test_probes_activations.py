@@ -21,7 +21,7 @@ import torch
 import checkpoints
 from layerscope.cli import main
 from layerscope.probes import load_model
-from layerscope.probes.activations import ActivationOptions, activation_data, activations, find_blocks
+from layerscope.probes.activations import ActivationOptions, activations, find_blocks
 from layerscope.probes.head_behaviour import detection_patterns
 from layerscope.probes.lens import find_lens
 from layerscope.probes.representations import cka_matrix

@@ -27,22 +27,7 @@ def trained_llama(tmp_path_factory):
     model = tf.LlamaForCausalLM(checkpoints.tiny_config("llama"))
     docs, _ = default_text()
     ids = torch.tensor(list("".join(docs[:20]).encode()), dtype=torch.int64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(40):
-            starts = torch.randint(0, len(ids) - 65, (8,), generator=gen)
-            x = torch.stack([ids[s:s + 64] for s in starts])
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(n_threads)
+    losses = checkpoints.train_on_windows(model, ids, steps=40, seed=0)
     assert losses[-1] < losses[0] - 1.0  # it really learnt something
     out = tmp_path_factory.mktemp("trained-llama")
     model.save_pretrained(out)
@@ -50,13 +35,8 @@ def trained_llama(tmp_path_factory):
 
 
 def test_nanogpt_mapped_onto_gpt2_gives_nanogpts_logits(trained_run):
-    from nanogpt_model import GPT, GPTConfig
-
     ckpt = trained_run["checkpoints"][-1]
-    saved = torch.load(ckpt, weights_only=True)
-    ref = GPT(GPTConfig(**saved["model_args"]))
-    ref.load_state_dict(saved["model"])
-    ref.eval()
+    ref = checkpoints.nanogpt_reference(ckpt)
     model = load_model(ckpt)
     assert model.kind == "causal" and model.anatomy.family == "gpt2"
     # bias=False in train_gpt: GPT-2's biases are zero constants, not probe parameters
@@ -72,12 +52,8 @@ def test_nanogpt_mapped_onto_gpt2_gives_nanogpts_logits(trained_run):
 
 
 def test_nanogpt_with_biases_and_compiled_prefix(tmp_path):
-    from nanogpt_model import GPT, GPTConfig
-
     path = checkpoints.build_nanogpt(tmp_path, bias=True, compiled=True)
-    saved = torch.load(path, weights_only=True)
-    ref = GPT(GPTConfig(**saved["model_args"]))
-    ref.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
+    ref = checkpoints.nanogpt_reference(path)
     model = load_model(path)
     assert not model.constants  # every GPT-2 bias exists in this nanoGPT
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
@@ -96,13 +72,8 @@ def test_nanogpt_with_biases_and_compiled_prefix(tmp_path):
 
 
 def test_trained_nanogpt_loss_equals_nanogpts_own(trained_run):
-    from nanogpt_model import GPT, GPTConfig
-
     ckpt = trained_run["checkpoints"][-1]
-    saved = torch.load(ckpt, weights_only=True)
-    ref = GPT(GPTConfig(**saved["model_args"]))
-    ref.load_state_dict(saved["model"])
-    ref.eval()
+    ref = checkpoints.nanogpt_reference(ckpt)
     model = load_model(ckpt)
     data = load_data(model, None, seq_len=64, batches=2, batch_size=4, seed=3)
     assert data.input_ids.shape == (2, 4, 64) and data.tokens == 512

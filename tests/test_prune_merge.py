@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 from layerscope.cli import main
 from layerscope.probes import Objective, load_data, load_model
 from layerscope.probes.data import default_text
@@ -111,15 +112,7 @@ def fine_tuned(trained_llama, tmp_path_factory):  # noqa: F811
     model = tf.LlamaForCausalLM.from_pretrained(trained_llama)
     docs, _ = default_text()
     ids = torch.tensor(list("".join(docs[-30:]).encode()), dtype=torch.int64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(15):
-        starts = torch.randint(0, len(ids) - 65, (8,), generator=gen)
-        x = torch.stack([ids[s:s + 64] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    checkpoints.train_on_windows(model, ids, steps=15, seed=1)
     out = tmp_path_factory.mktemp("fine-tuned")
     model.save_pretrained(out)
     texts = tmp_path_factory.mktemp("texts")

@@ -26,7 +26,7 @@ import layerscope  # noqa: E402
 from layerscope.change.trajectory import trajectory  # noqa: E402
 from layerscope.cli import main  # noqa: E402
 from layerscope.executor import open_executor  # noqa: E402
-from layerscope.store import TABLES, Store  # noqa: E402
+from layerscope.store import Store  # noqa: E402
 
 TASK_PROCESS = "ray::layerscope_task"  # Ray names a worker process after the task it is running
 

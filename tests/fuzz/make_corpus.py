@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-from pathlib import Path
 
 import torch
 
