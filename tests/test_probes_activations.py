@@ -363,3 +363,17 @@ def test_other_checkpoint_cka_is_compares_estimator(induction_models, trained_re
         ref = layer_cka(induction_models["trained"], induction_models["untrained"], vs.data, store=store, cache=False)
     assert np.allclose(vs.cka_other["cka_with_other"], ref.rows["cka"], rtol=1e-12)
     assert (vs.cka_other["cka_with_other"].iloc[1:] < 0.99).all()
+
+
+def test_states_that_are_not_one_row_per_token_are_refused_in_one_line(tmp_path, capsys):
+    """CPM-Ant prepends prompt positions of its own: its states cannot be read against the text, so
+    the CLI refuses with one line and exit 2 (scripts/activations_coverage.py: such models are refused,
+    none crash)."""
+    import tiny_families
+
+    path, _ = tiny_families.build_tiny("cpmant", tmp_path / "cpmant")
+    capsys.readouterr()
+    assert main(["activations", str(path), "--batches", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--store", str(tmp_path / "s.sqlite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not one row per input token" in err and "Traceback" not in err
